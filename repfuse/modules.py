@@ -1,0 +1,218 @@
+"""`GraphBlock`: what a rewritten module becomes when only part of its forward was fused.
+
+A GraphBlock keeps the original children (so the state_dict keys of every untouched layer stay as
+they were) and stores its forward as a *program*: the traced fx graph written as plain data
+(strings, numbers, tuples). It is run by a small interpreter that only resolves functions from
+torch, operator and math. Nothing in a deploy file is code, so it loads with
+``torch.load(weights_only=True)`` once this class is allow-listed, and with plain pickle wherever
+repfuse is importable.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import math
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.node import _get_qualified_name
+
+# roots a program may name functions from; anything else keeps the module un-rewritten
+_SAFE_ROOTS = ("torch", "operator", "_operator", "math")
+_SAFE_BUILTINS = {"getattr", "len", "int", "float", "bool", "tuple", "list", "slice", "range", "max", "min",
+                  "abs", "isinstance"}
+_ENUMS: dict[str, Callable[[str], Any]] = {
+    "dtype": lambda s: getattr(torch, s),
+    "device": torch.device,
+    "memory_format": lambda s: getattr(torch, s),
+    "layout": lambda s: getattr(torch, s),
+}
+
+
+class UnsupportedProgram(Exception):
+    """The graph uses something a program cannot name safely (a user function, an odd constant)."""
+
+
+def function_name(fn: Callable[..., Any]) -> str:
+    """Qualified name of a call_function target, checked against the safe roots."""
+    if getattr(builtins, getattr(fn, "__name__", ""), None) is fn and fn.__name__ in _SAFE_BUILTINS:
+        return fn.__name__
+    name = _get_qualified_name(fn)
+    if name.split(".")[0] not in _SAFE_ROOTS:
+        raise UnsupportedProgram(f"the forward calls {name}, which a deploy file cannot name safely")
+    resolve_function(name)  # must round-trip
+    return name
+
+
+def resolve_function(name: str) -> Callable[..., Any]:
+    """Inverse of `function_name`; refuses anything outside the safe roots."""
+    if "." not in name:
+        if name not in _SAFE_BUILTINS:
+            raise UnsupportedProgram(f"builtin {name} is not allowed in a program")
+        return getattr(builtins, name)
+    parts = name.split(".")
+    if parts[0] not in _SAFE_ROOTS:
+        raise UnsupportedProgram(f"{name} is outside the allowed namespaces")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            continue
+        if callable(obj):
+            return obj
+    raise UnsupportedProgram(f"cannot resolve {name}")
+
+
+def encode(value: Any) -> Any:
+    """fx argument → plain data: every value becomes a (tag, payload) tuple."""
+    if isinstance(value, fx.Node):
+        return ("N", value.name)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("V", value)
+    if isinstance(value, torch.Size):
+        return ("T", [encode(v) for v in value])
+    if isinstance(value, tuple):
+        return ("T", [encode(v) for v in value])
+    if isinstance(value, list):
+        return ("L", [encode(v) for v in value])
+    if isinstance(value, dict):
+        return ("D", [(k, encode(v)) for k, v in value.items()])
+    if isinstance(value, slice):
+        return ("S", [encode(value.start), encode(value.stop), encode(value.step)])
+    if value is Ellipsis:
+        return ("E", None)
+    if isinstance(value, torch.dtype):
+        return ("dtype", str(value).removeprefix("torch."))
+    if isinstance(value, torch.device):
+        return ("device", str(value))
+    if isinstance(value, torch.memory_format):
+        return ("memory_format", str(value).removeprefix("torch."))
+    if isinstance(value, torch.layout):
+        return ("layout", str(value).removeprefix("torch."))
+    raise UnsupportedProgram(f"constant of type {type(value).__name__} cannot be stored in a program")
+
+
+def _decoder(enc: Any) -> Callable[[dict[str, Any]], Any]:
+    """Plain data → a function of the environment (node name → value)."""
+    tag, payload = enc
+    if tag == "N":
+        return lambda env: env[payload]
+    if tag == "V":
+        return lambda env: payload
+    if tag in ("T", "L"):
+        parts = [_decoder(p) for p in payload]
+        if all(p[0] == "V" for p in payload):
+            const = tuple(p[1] for p in payload) if tag == "T" else None
+            if const is not None:
+                return lambda env: const
+        make = tuple if tag == "T" else list
+        return lambda env: make(p(env) for p in parts)
+    if tag == "D":
+        items = [(k, _decoder(v)) for k, v in payload]
+        return lambda env: {k: v(env) for k, v in items}
+    if tag == "S":
+        a, b, c = (_decoder(p) for p in payload)
+        return lambda env: slice(a(env), b(env), c(env))
+    if tag == "E":
+        return lambda env: Ellipsis
+    if tag in _ENUMS:
+        value = _ENUMS[tag](payload)
+        return lambda env: value
+    raise UnsupportedProgram(f"unknown tag {tag!r} in program")
+
+
+def graph_to_program(graph: fx.Graph) -> list[tuple[str, str, str, Any, Any]]:
+    """An fx graph as a list of (name, op, target, args, kwargs) in plain data."""
+    program = []
+    for node in graph.nodes:
+        if node.op == "call_function":
+            target = function_name(node.target)
+        elif isinstance(node.target, str):
+            target = node.target
+        else:
+            raise UnsupportedProgram(f"node {node.name} has a non-string target")
+        program.append((node.name, node.op, target, encode(node.args), encode(node.kwargs)))
+    return program
+
+
+class GraphBlock(nn.Module):
+    """A module whose forward is a stored program over its own children, parameters and buffers.
+
+    `source_class` records what the module was before repfuse rewrote it (for reports only).
+    """
+
+    def __init__(self, program: list[tuple[str, str, str, Any, Any]], source_class: str = "") -> None:
+        super().__init__()
+        self.program = program
+        self.source_class = source_class
+        self._steps: list[Any] | None = None
+
+    def extra_repr(self) -> str:
+        ops = sum(1 for p in self.program if p[1].startswith("call"))
+        return f"was={self.source_class}, ops={ops}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_steps"] = None  # resolved callables are rebuilt after loading, never stored
+        return state
+
+    def _compile(self) -> list[Any]:
+        steps = []
+        for name, op, target, args, kwargs in self.program:
+            fn: Any = target
+            if op == "call_function":
+                fn = resolve_function(target)
+            steps.append((name, op, fn, _decoder(args), _decoder(kwargs)))
+        return steps
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        steps = self._steps
+        if steps is None:
+            steps = self._steps = self._compile()
+        env: dict[str, Any] = {}
+        position = 0
+        for name, op, fn, get_args, get_kwargs in steps:
+            if op == "placeholder":
+                if fn in kwargs:
+                    env[name] = kwargs[fn]
+                elif position < len(args):
+                    env[name] = args[position]
+                else:
+                    defaults = get_args(env)
+                    if not defaults:
+                        raise TypeError(f"missing input '{fn}'")
+                    env[name] = defaults[0]
+                position += 1
+            elif op == "get_attr":
+                env[name] = _get_attr(self, fn)
+            elif op == "call_module":
+                env[name] = self.get_submodule(fn)(*get_args(env), **get_kwargs(env))
+            elif op == "call_function":
+                env[name] = fn(*get_args(env), **get_kwargs(env))
+            elif op == "call_method":
+                a = get_args(env)
+                env[name] = getattr(a[0], fn)(*a[1:], **get_kwargs(env))
+            elif op == "output":
+                return get_args(env)[0]
+        raise RuntimeError("program has no output")
+
+
+def _get_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# Kept for static checkers: these names are used only through resolve_function at run time.
+_ = (math, operator)

@@ -1,0 +1,576 @@
+"""The engine: find every linear sub-graph that is exactly one conv and replace it. The only code
+that mutates a model.
+
+Two passes over the module tree:
+
+1. `analyse` (deepest modules first): lower each module to an affine op where it is one (a
+   *summary*), else trace it and, in its graph, give every node its candidate expressions
+   ``value = op(earlier value)``; choose the largest valid regions.
+2. `apply` (top-down): a module whose whole forward is one op becomes one conv in its parent; a
+   module with fused regions becomes a `GraphBlock`; everything else is left exactly as it was.
+
+New kinds of branch go in `graph.lower_module` / `graph.lower_function` (a layer as a `ConvOp`) or
+in `kernels` (how ops combine); nothing here knows any architecture.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import graph as G
+from . import kernels as K
+from .kernels import ConvOp
+from .modules import GraphBlock, UnsupportedProgram, graph_to_program
+from .types import FusionSite, SkippedSite
+
+MAX_BASES = 8  # candidate expressions kept per node: bounds the work on long affine chains
+
+
+SELF_CHECK_RTOL = 1e-9  # a fused op must reproduce its sub-graph's recorded float64 output to this
+
+
+@dataclass
+class Region:
+    base: fx.Node
+    output: fx.Node
+    expr: G.Expr
+    error: float  # max |fused op(base) − sub-graph output| on the recorded float64 forward
+
+
+@dataclass
+class ModulePlan:
+    path: str
+    module: nn.Module
+    gm: fx.GraphModule | None = None
+    summary: G.Expr | None = None  # the whole forward as one op of its single input
+    summary_error: float = 0.0
+    regions: list[Region] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class Analysis:
+    plans: dict[int, ModulePlan] = field(default_factory=dict)
+    leaves: dict[int, G.LeafInfo] = field(default_factory=dict)  # module id → as an op (for parents)
+    records: dict[int, G.CallRecord] = field(default_factory=dict)
+    skipped: list[SkippedSite] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)  # module path → why it was not analysed
+
+    def skip(self, module: str, reason: str) -> None:
+        site = SkippedSite(module, reason)
+        if site not in self.skipped:
+            self.skipped.append(site)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 1: analysis
+
+
+def analyse(root: nn.Module, inputs: tuple[Any, ...]) -> Analysis:
+    """Record one forward of `root` (float64, eval) and analyse every called module."""
+    result = Analysis(records=G.record_calls(root, inputs))
+    modules = list(root.named_modules())
+    for path, m in reversed(modules):  # children before parents
+        rec = result.records.get(id(m))
+        if rec is None:
+            continue
+        leaf = G.lower_module(m, rec)
+        if leaf is not None:
+            if leaf.op is not None:
+                result.leaves[id(m)] = replace(leaf, leaves=(path,))
+            elif leaf.reason:
+                result.skip(path, leaf.reason)
+            continue
+        gm, reason = G.trace(m)
+        if gm is None:
+            result.notes[path] = reason or "could not trace"
+            continue
+        values = G.node_values(gm, rec)
+        if values is None:
+            result.notes[path] = "traced, but the graph could not be replayed on the recorded inputs"
+            continue
+        plan = _analyse_graph(path, m, gm, values, result)
+        result.plans[id(m)] = plan
+        if plan.summary is not None:
+            s = plan.summary
+            result.leaves[id(m)] = G.LeafInfo(s.op, "block", ops=s.ops, terms=s.terms, norms=s.norms,
+                                              scales=s.scales, leaves=s.leaves)
+    return result
+
+
+def _where(path: str, node: fx.Node) -> str:
+    label = node.target if node.op == "call_module" else node.name
+    return f"{path}.{label}" if path else str(label)
+
+
+def _analyse_graph(path: str, module: nn.Module, gm: fx.GraphModule, values: dict[fx.Node, Any],
+                   result: Analysis) -> ModulePlan:
+    plan = ModulePlan(path, module, gm)
+    constants: set[fx.Node] = set()
+    cands: dict[fx.Node, dict[fx.Node, G.Expr]] = {}
+    prefix = f"{path}." if path else ""
+
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            if node.op == "placeholder":
+                cands[node] = _self_cands(node, values)
+            continue
+        inputs = node.all_input_nodes
+        if node.op == "get_attr" or (node.op in ("call_function", "call_method") and inputs
+                                     and all(i in constants for i in inputs)):
+            constants.add(node)
+            continue
+        if node.op == "call_function" and not inputs:
+            constants.add(node)
+            continue
+        own = _self_cands(node, values)
+        tensor_inputs = [i for i in inputs if i not in constants]
+        shape = G._tensor_shape(values.get(node))
+        if len(tensor_inputs) == 2 and _is_sum(node):
+            cands[node] = own | _sum_cands(node, tensor_inputs, cands, result, path)
+            continue
+        if len(tensor_inputs) != 1:
+            cands[node] = own
+            continue
+        x = tensor_inputs[0]
+        info = _unary_info(node, x, values, constants, result, prefix)
+        if info is None or info.op is None:
+            if info is not None and info.reason and x in cands and len(cands[x]) > 1:
+                result.skip(_where(path, node), info.reason)
+            cands[node] = own
+            continue
+        if shape is None:
+            cands[node] = own
+            continue
+        cands[node] = own | _extend(node, x, info, cands.get(x, {}), result, path)
+
+    _choose_regions(plan, cands, values, result)
+    _summarise(plan, cands, constants, values)
+    return plan
+
+
+def _self_cands(node: fx.Node, values: dict[fx.Node, Any]) -> dict[fx.Node, G.Expr]:
+    shape = G._tensor_shape(values.get(node))
+    if shape is None or len(shape) < 2:
+        return {}
+    op = K.identity_op(shape[1], len(shape) - 2)
+    return {node: G.Expr(op, frozenset(), 0, ("identity",))}
+
+
+def _is_sum(node: fx.Node) -> bool:
+    key = G.call_key(node)
+    return key in G._ADD or key in G._SUB
+
+
+def _sum_cands(node: fx.Node, operands: list[fx.Node], cands: dict[fx.Node, dict[fx.Node, G.Expr]],
+               result: Analysis, path: str) -> dict[fx.Node, G.Expr]:
+    u, v = node.args[0], node.args[1]
+    if not (isinstance(u, fx.Node) and isinstance(v, fx.Node)):
+        return {}
+    alpha = node.kwargs.get("alpha", 1)
+    if len(node.args) > 2 or not isinstance(alpha, (int, float)):
+        return {}
+    sign = -1.0 if G.call_key(node) in G._SUB else 1.0
+    cu, cv = cands.get(u, {}), cands.get(v, {})
+    out: dict[fx.Node, G.Expr] = {}
+    first_reason = None
+    for base in cu.keys() & cv.keys():
+        eu, ev = cu[base], cv[base]
+        op, reason = K.parallel_sum([eu.op, K.scale_op(ev.op, sign * alpha)])
+        if op is None:
+            first_reason = first_reason or reason
+            continue
+        out[base] = G.Expr(op, eu.nodes | ev.nodes | {node}, eu.ops + ev.ops + 1, eu.terms + ev.terms,
+                           eu.norms + ev.norms, eu.scales + ev.scales + (sign * alpha != 1),
+                           eu.leaves + ev.leaves)
+    if not out and first_reason:
+        result.skip(_where(path, node), first_reason)
+    return _cap(out)
+
+
+def _cap(c: dict[fx.Node, G.Expr]) -> dict[fx.Node, G.Expr]:
+    if len(c) <= MAX_BASES:
+        return c
+    keep = sorted(c.items(), key=lambda kv: len(kv[1].nodes))[:MAX_BASES]
+    return dict(keep)
+
+
+def _unary_info(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], constants: set[fx.Node],
+                result: Analysis, prefix: str) -> G.LeafInfo | None:
+    """The op that `node` applies to its one non-constant input `x`."""
+    shape = G._tensor_shape(values.get(x))
+    if node.op == "call_module":
+        child = node.graph.owning_module.get_submodule(node.target)
+        if node.args != (x,) or node.kwargs:
+            return None
+        info = result.leaves.get(id(child))
+        if info is None:
+            return None
+        return info
+    if shape is None or len(shape) < 2:
+        return None
+    key = G.call_key(node)
+    args = [values[a] if isinstance(a, fx.Node) and a in constants else a for a in node.args]
+    kwargs = {k: values[a] if isinstance(a, fx.Node) and a in constants else a for k, a in node.kwargs.items()}
+    nd = len(shape) - 2
+    other = [a for a in args if not (isinstance(a, fx.Node) and a is x)]
+    if key in G._MUL and len(args) == 2 and len(other) == 1:
+        s = G.channel_constant(other[0], shape)
+        return None if s is None else G.LeafInfo(K.channel_affine(s, torch.zeros_like(s), nd), "scale",
+                                                 scales=1, terms=("identity",))
+    if key in G._DIV and len(args) == 2 and args[0] is x:
+        s = G.channel_constant(args[1], shape)
+        return None if s is None or bool(torch.any(s == 0)) else G.LeafInfo(
+            K.channel_affine(1.0 / s, torch.zeros_like(s), nd), "scale", scales=1, terms=("identity",))
+    if (key in G._ADD or key in G._SUB) and len(args) == 2 and len(other) == 1 and not kwargs:
+        c = G.channel_constant(other[0], shape)
+        if c is None:
+            return None
+        sign = -1.0 if key in G._SUB else 1.0
+        if key in G._SUB and args[1] is x:  # c − x
+            return G.LeafInfo(K.channel_affine(-torch.ones_like(c), c, nd), "bias", scales=1,
+                              terms=("identity",))
+        return G.LeafInfo(K.channel_affine(torch.ones_like(c), sign * c, nd), "bias", terms=("identity",))
+    if key in G._NEG:
+        return G.LeafInfo(K.scale_op(K.identity_op(shape[1], nd), -1.0), "scale", scales=1,
+                          terms=("identity",))
+    if args and args[0] is x:
+        info = G.lower_function(node, args, kwargs, shape)
+        if info is not None:
+            return replace(info, leaves=(f"{prefix}{node.name}",))
+    return None
+
+
+def _extend(node: fx.Node, x: fx.Node, info: G.LeafInfo, base_cands: dict[fx.Node, G.Expr],
+            result: Analysis, path: str) -> dict[fx.Node, G.Expr]:
+    """Candidates of `node = info(x)`: info composed after each candidate of x."""
+    out: dict[fx.Node, G.Expr] = {}
+    for base, e in base_cands.items():
+        op, reason = K.compose(e.op, info.op)
+        if op is None:
+            if base is not x and not out:
+                result.skip(_where(path, node), reason or "not exact")
+            continue
+        out[base] = G.Expr(op, e.nodes | {node}, e.ops + info.ops, _chain_terms(e.terms, info),
+                           e.norms + info.norms, e.scales + info.scales, e.leaves + info.leaves)
+    return _cap(out)
+
+
+def _chain_terms(terms: tuple[str, ...], info: G.LeafInfo) -> tuple[str, ...]:
+    if (info.op is not None and info.op.is_diagonal) or info.terms == ("identity",):
+        return terms
+    if info.kind == "block" and len(info.terms) > 1:
+        inner = "+".join(info.terms)
+        return (inner,) if terms == ("identity",) else (f"({'+'.join(terms)})→({inner})",)
+    after = "+".join(info.terms)
+    if terms == ("identity",):
+        return (after,)
+    before = terms[0] if len(terms) == 1 else f"({'+'.join(terms)})"
+    return (f"{before}→{after}",)
+
+
+def _choose_regions(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]],
+                    values: dict[fx.Node, Any], result: Analysis) -> None:
+    consumed: set[fx.Node] = set()
+    for y in reversed(list(plan.gm.graph.nodes)):
+        if y in consumed or y not in cands:
+            continue
+        options = sorted(((b, e) for b, e in cands[y].items() if b is not y),
+                         key=lambda be: (-len(be[1].nodes), be[1].ops))
+        for i, (base, expr) in enumerate(options):
+            if expr.ops < 2 or _single_child(expr):
+                continue
+            problem = _region_problem(expr.nodes, y, consumed, result)
+            error, check = _self_check(expr, values.get(base), values.get(y))
+            problem = problem or check
+            if problem:
+                if i == 0:
+                    result.skip(_where(plan.path, y), problem)
+                continue
+            plan.regions.append(Region(base, y, expr, error))
+            consumed |= expr.nodes
+            break
+
+
+def _single_child(expr: G.Expr) -> bool:
+    """The region is one child call: the child is collapsed in place instead (its parent keeps its class)."""
+    return len(expr.nodes) == 1 and next(iter(expr.nodes)).op == "call_module"
+
+
+def _self_check(expr: G.Expr, x: Any, y: Any) -> tuple[float, str | None]:
+    """Run the fused op on the recorded input of the sub-graph and compare with its recorded output."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return float("inf"), "the sub-graph's input or output is not a single tensor"
+    try:
+        out = K.apply_op(expr.op, x.double())
+    except RuntimeError as exc:
+        return float("inf"), f"internal self-check failed: the fused layer does not run ({exc})"
+    if out.shape != y.shape:
+        return float("inf"), (f"internal self-check failed: fused output shape {tuple(out.shape)} differs "
+                              f"from {tuple(y.shape)}")
+    err = float((out - y.double()).abs().max()) if out.numel() else 0.0
+    scale = float(y.double().abs().max()) if y.numel() else 0.0
+    if not err <= SELF_CHECK_RTOL * max(scale, 1e-30) + 1e-300:
+        return err, (f"internal self-check failed: the fused op is off by {err:.3g} (scale {scale:.3g}); "
+                     "left unfused")
+    return err, None
+
+
+def _region_problem(nodes: frozenset[fx.Node], y: fx.Node, consumed: set[fx.Node],
+                    result: Analysis) -> str | None:
+    """Why these nodes cannot become one layer (an inner value used outside, a shared module)."""
+    for n in nodes:
+        if n in consumed:
+            return f"'{n.name}' is already part of another fused site"
+        if n is not y:
+            outside = [u.name for u in n.users if u not in nodes]
+            if outside:
+                return (f"intermediate value '{n.name}' is also used by '{outside[0]}' outside the linear "
+                        "sub-graph")
+        if n.op == "call_module":
+            child = n.graph.owning_module.get_submodule(n.target)
+            rec = result.records.get(id(child))
+            if rec is not None and rec.calls > 1:
+                return f"module '{n.target}' is called more than once (shared weights)"
+    return None
+
+
+def _summarise(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]], constants: set[fx.Node],
+               values: dict[fx.Node, Any]) -> None:
+    """Set plan.summary when the whole forward is one op of its single tensor input."""
+    nodes = list(plan.gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    used = [p for p in placeholders if p.users]
+    output = nodes[-1]
+    if len(used) != 1 or len(output.args) != 1 or not isinstance(output.args[0], fx.Node):
+        return
+    x, y = used[0], output.args[0]
+    if used[0] is not placeholders[0]:
+        return
+    compute = {n for n in nodes if n.op not in ("placeholder", "output") and n not in constants}
+    if y is x:
+        plan.summary = cands[x].get(x)
+        return
+    expr = cands.get(y, {}).get(x)
+    if expr is not None and expr.nodes == compute:
+        error, problem = _self_check(expr, values.get(x), values.get(y))
+        if problem is None:
+            plan.summary, plan.summary_error = expr, error
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 2: apply
+
+
+@dataclass
+class Applied:
+    model: nn.Module
+    sites: list[FusionSite]
+    new_modules: dict[str, tuple[ConvOp, nn.Module]]  # path → (float64 op, layer), for localisation
+
+
+def apply(root: nn.Module, analysis: Analysis, dtypes: dict[int, torch.dtype]) -> Applied:
+    """Rewrite `root` in place per `analysis`; `dtypes` maps id(tensor) → its original dtype."""
+    sites: list[FusionSite] = []
+    new_modules: dict[str, tuple[ConvOp, nn.Module]] = {}
+    holder = nn.Module()
+    holder.add_module("root", root)
+    seen: set[int] = set()
+
+    def visit(parent: nn.Module, name: str, path: str) -> None:
+        m = parent._modules[name]
+        if m is None or id(m) in seen:
+            return
+        seen.add(id(m))
+        plan = analysis.plans.get(id(m))
+        if plan is not None and plan.summary is not None and plan.summary.ops >= 2:
+            layer = materialise(plan.summary.op, _dtype_of(m, dtypes), dtypes)
+            setattr(parent, name, layer)
+            before = _count_params(m)
+            sites.append(_site(path, plan.summary, layer, before, plan.summary_error))
+            new_modules[path] = (plan.summary.op, layer)
+            return
+        if plan is not None and plan.regions:
+            try:
+                m = _to_graph_block(plan, path, dtypes, sites, new_modules)
+            except UnsupportedProgram as exc:
+                for r in plan.regions:
+                    analysis.skip(_where(path, r.output), f"not rewritten: {exc}")
+            else:
+                setattr(parent, name, m)
+        for child_name in list(m._modules):
+            visit(m, child_name, f"{path}.{child_name}" if path else child_name)
+
+    visit(holder, "root", "")
+    return Applied(holder._modules["root"], sites, new_modules)
+
+
+def _dtype_of(m: nn.Module, dtypes: dict[int, torch.dtype]) -> tuple[torch.dtype, torch.device]:
+    for t in list(m.parameters()) + list(m.buffers()):
+        if t.is_floating_point():
+            return dtypes.get(id(t), t.dtype), t.device
+    return torch.float32, torch.device("cpu")
+
+
+def _count_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def materialise(op: ConvOp, dtype_device: tuple[torch.dtype, torch.device],
+                dtypes: dict[int, torch.dtype]) -> nn.Module:
+    """A ConvOp as a fresh nn.ConvNd (or nn.Linear) in float64; `dtypes` learns the dtype each new
+    tensor is cast to at the very end (by `restore_dtypes`)."""
+    target, device = dtype_device
+    dtype = torch.float64
+    has_bias = bool(torch.any(op.bias != 0))
+    if op.nd == 0:
+        op = K.regroup(op, 1)
+        layer: nn.Module = nn.Linear(op.in_channels, op.out_channels, bias=has_bias)
+    else:
+        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[op.nd]
+        layer = cls(op.in_channels, op.out_channels, op.kernel_size, op.stride, op.padding, op.dilation,
+                    op.groups, bias=has_bias, padding_mode=op.padding_mode)
+    with torch.no_grad():
+        layer.weight = nn.Parameter(op.weight.to(dtype=dtype, device=device))
+        if has_bias:
+            layer.bias = nn.Parameter(op.bias.to(dtype=dtype, device=device))
+    for p in layer.parameters():
+        dtypes[id(p)] = target
+    return layer
+
+
+def _site(path: str, expr: G.Expr, layer: nn.Module, params_before: int, error: float) -> FusionSite:
+    op = expr.op if expr.op.nd else K.regroup(expr.op, 1)
+    extras = []
+    if expr.norms:
+        extras.append(f"BN×{expr.norms}")
+    if expr.scales:
+        extras.append(f"scale×{expr.scales}")
+    if op.groups > 1:
+        extras.append("depthwise" if op.groups == op.in_channels == op.out_channels else f"groups={op.groups}")
+    pattern = "+".join(expr.terms) + (", " + ", ".join(extras) if extras else "")
+    return FusionSite(module=path or "<root>", pattern=pattern, branches=expr.leaves, kernel=op.kernel_size,
+                      in_channels=op.in_channels, out_channels=op.out_channels, groups=op.groups,
+                      stride=op.stride, dilation=op.dilation, params_before=params_before,
+                      params_after=_count_params(layer), max_abs_error=error)
+
+
+def _to_graph_block(plan: ModulePlan, path: str, dtypes: dict[int, torch.dtype], sites: list[FusionSite],
+                    new_modules: dict[str, tuple[ConvOp, nn.Module]]) -> GraphBlock:
+    """Replace each region of plan's graph by one layer; the module becomes a GraphBlock."""
+    m, gm = plan.module, plan.gm
+    graph = gm.graph
+    names = _fused_names(m, len(plan.regions))
+    consumed_modules: list[str] = []
+    new_layers: list[tuple[str, nn.Module, Region, int]] = []
+    for region, name in zip(plan.regions, names):
+        targets = sorted({n.target for n in region.expr.nodes if n.op == "call_module"})
+        first = m.get_submodule(targets[0]) if targets else m
+        layer = materialise(region.expr.op, _dtype_of(first, dtypes), dtypes)
+        before = sum(_count_params(m.get_submodule(t)) for t in targets)
+        gm.add_submodule(name, layer)  # so fx's lint sees the target
+        with graph.inserting_after(region.output):
+            new = graph.create_node("call_module", name, (region.base,))
+        region.output.replace_all_uses_with(new)
+        new.args = (region.base,)
+        for n in sorted(region.expr.nodes, key=_order(graph), reverse=True):
+            graph.erase_node(n)
+        consumed_modules.extend(targets)
+        new_layers.append((name, layer, region, before))
+    attrs_before = {n.target for n in graph.nodes if n.op == "get_attr"}
+    graph.eliminate_dead_code()
+    still_used = {n.target for n in graph.nodes if n.op == "get_attr"}
+    consumed_attrs = attrs_before - still_used
+    attr_params = 0
+    for t in consumed_attrs:
+        owner, _, leaf = t.rpartition(".")
+        holder = m.get_submodule(owner) if owner else m
+        value = getattr(holder, leaf, None)
+        if isinstance(value, nn.Parameter):
+            attr_params += value.numel()
+        if leaf in holder._parameters:
+            del holder._parameters[leaf]
+        elif leaf in holder._buffers:
+            del holder._buffers[leaf]
+    graph.lint()
+
+    block = GraphBlock(graph_to_program(graph), source_class=type(m).__qualname__)
+    for name, child in m._modules.items():
+        block.add_module(name, child)
+    for t in consumed_modules:
+        _delete_module(block, t)
+    for name, p in m._parameters.items():
+        block.register_parameter(name, p)
+    for name, b in m._buffers.items():
+        block.register_buffer(name, b, persistent=name not in m._non_persistent_buffers_set)
+    for t in still_used:
+        if "." not in t and not hasattr(block, t):
+            value = getattr(m, t)
+            if isinstance(value, torch.Tensor):
+                block.register_buffer(t, value)
+    prefix = f"{path}." if path else ""
+    for i, (name, layer, region, before) in enumerate(new_layers):
+        block.add_module(name, layer)
+        sites.append(_site(prefix + name, region.expr, layer, before + (attr_params if i == 0 else 0),
+                           region.error))
+        new_modules[prefix + name] = (region.expr.op, layer)
+    return block
+
+
+def _order(graph: fx.Graph) -> Any:
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: index[n]
+
+
+def _fused_names(m: nn.Module, count: int) -> list[str]:
+    taken = set(m._modules) | set(m._parameters) | set(m._buffers) | set(vars(m))
+    names, i = [], 0
+    while len(names) < count:
+        name = "fused" if i == 0 else f"fused{i}"
+        if name not in taken:
+            names.append(name)
+        i += 1
+    return names
+
+
+def _delete_module(root: nn.Module, target: str) -> None:
+    """Remove a consumed layer, then any container left empty by it."""
+    parts = target.split(".")
+    chain = [root]
+    for p in parts[:-1]:
+        nxt = chain[-1]._modules.get(p)
+        if nxt is None:
+            return
+        chain.append(nxt)
+    chain[-1]._modules.pop(parts[-1], None)
+    for depth in range(len(parts) - 1, 0, -1):
+        container = chain[depth]
+        if not container._modules and not container._parameters and not container._buffers:
+            chain[depth - 1]._modules.pop(parts[depth - 1], None)
+        else:
+            break
+
+
+def restore_dtypes(model: nn.Module, dtypes: dict[int, torch.dtype]) -> None:
+    """Cast every surviving tensor back to the dtype it had before the float64 working copy."""
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for t in store.values():
+                if t is not None and id(t) in dtypes and t.dtype != dtypes[id(t)]:
+                    t.data = t.data.to(dtypes[id(t)])
+
+
+def count_layers(model: nn.Module) -> tuple[int, int]:
+    """(conv/linear layers, normalisation layers) in a model."""
+    convs = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules())
+    norms = sum(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
+    return convs, norms
+
+
+_ = math

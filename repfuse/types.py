@@ -1,0 +1,120 @@
+"""Frozen dataclasses passed between the stages (find → fuse → verify → save → report)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FusionSite:
+    """One linear sub-graph that was replaced by a single conv (or linear) layer."""
+
+    module: str  # dotted path of the new layer in the deploy model
+    pattern: str  # human words: "3×3+1×1+identity, BN×3"
+    branches: tuple[str, ...]  # dotted paths (or node names) of the ops that were folded in
+    kernel: tuple[int, ...]  # kernel size of the fused layer (() for Linear)
+    in_channels: int
+    out_channels: int
+    groups: int
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    params_before: int
+    params_after: int
+    max_abs_error: float | None = None  # float64 error of this site, filled by verify
+
+
+@dataclass(frozen=True)
+class SkippedSite:
+    """A place that looked fusable but is not exactly one conv; `reason` says why."""
+
+    module: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Verification:
+    passed: bool
+    max_abs_error: float  # in the deployed dtype
+    max_rel_error: float
+    exact_max_abs_error: float  # float64 run: separates a wrong fusion from rounding
+    exact_max_rel_error: float
+    atol: float
+    rtol: float
+    trials: int
+    input_shape: tuple[tuple[int, ...], ...]
+    seed: int
+    dtype: str
+    worst_sites: tuple[tuple[str, float], ...] = ()  # (module, float64 error) largest first
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Summary:
+    fusions: int
+    params_before: int
+    params_after: int
+    macs_before: int | None
+    macs_after: int | None
+    convs_before: int = 0
+    convs_after: int = 0
+    norms_before: int = 0
+    norms_after: int = 0
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a run did; report.py renders it as JSON (schema 1), Markdown or rich."""
+
+    tool: dict[str, str]
+    command: str
+    input: dict[str, Any]
+    output: dict[str, Any] | None
+    fusions: tuple[FusionSite, ...]
+    skipped: tuple[SkippedSite, ...]
+    summary: Summary
+    verification: Verification | None
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    modules: tuple[ModuleInfo, ...] = ()  # filled by inspect only
+
+
+class RepfuseError(Exception):
+    """A user-facing error: bad input or usage. The CLI prints `message` and `hint`, exit 2."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class VerificationFailed(Exception):
+    """The fused model does not match the original (CLI exit 1)."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(report.verification.message if report.verification else "verification failed")
+        self.report = report
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One row of `repfuse inspect`'s module tree."""
+
+    path: str  # "" for the root
+    kind: str  # class name
+    params: int
+    note: str = ""  # "fused → stem.fused", "skipped: …", "opaque: could not trace (…)"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user asked for; every CLI flag maps to one field."""
+
+    input_shapes: tuple[tuple[int, ...], ...] | None = None  # None: infer from the first layer
+    allow: tuple[str, ...] = ()  # module prefixes whose classes may be unpickled
+    trust: bool = False  # full (unsafe) unpickling
+    atol: float | None = None  # None: default for the model's dtype
+    rtol: float | None = None
+    seed: int = 0
+    trials: int = 3
+    force: bool = False  # write even when verification fails
