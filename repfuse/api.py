@@ -94,15 +94,15 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
 
 def _summary(original: nn.Module, fused: nn.Module, sites: list[FusionSite],
              shapes: tuple[tuple[int, ...], ...], seed: int) -> Summary:
-    inputs = verify.make_inputs(shapes, torch.float64, seed)
+    inputs = verify.make_inputs(shapes, verify.model_dtype(original), seed)
     convs_b, norms_b = rewrite.count_layers(original)
     convs_a, norms_a = rewrite.count_layers(fused)
     return Summary(
         fusions=len(sites),
         params_before=sum(p.numel() for p in original.parameters()),
         params_after=sum(p.numel() for p in fused.parameters()),
-        macs_before=verify.count_macs(copy.deepcopy(original).double(), inputs),
-        macs_after=verify.count_macs(copy.deepcopy(fused).double(), inputs),
+        macs_before=verify.count_macs(original, inputs),
+        macs_after=verify.count_macs(fused, inputs),
         convs_before=convs_b, convs_after=convs_a, norms_before=norms_b, norms_after=norms_a,
     )
 

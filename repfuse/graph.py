@@ -224,11 +224,22 @@ def trace(module: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
 
 
 class ValueRecorder(fx.Interpreter):
-    """Runs a traced graph on recorded inputs and keeps every node's value."""
+    """Runs a traced graph on recorded inputs and keeps every node's value.
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    A child called exactly once in the whole forward is not run again: its recorded output is
+    reused, so analysing every level of the tree costs about one forward, not one per level.
+    """
+
+    def __init__(self, gm: fx.GraphModule, records: dict[int, CallRecord]) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.values: dict[fx.Node, Any] = {}
+        self.records = records
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        rec = self.records.get(id(self.fetch_attr(target)))
+        if rec is not None and rec.calls == 1:
+            return rec.output
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
@@ -236,7 +247,8 @@ class ValueRecorder(fx.Interpreter):
         return value
 
 
-def node_values(gm: fx.GraphModule, rec: CallRecord) -> dict[fx.Node, Any] | None:
+def node_values(gm: fx.GraphModule, rec: CallRecord, records: dict[int, CallRecord],
+                ) -> dict[fx.Node, Any] | None:
     """Every node's value for the recorded call (shapes, constants); None if it cannot be replayed."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     args = list(rec.args)
@@ -247,7 +259,7 @@ def node_values(gm: fx.GraphModule, rec: CallRecord) -> dict[fx.Node, Any] | Non
             args.append(ph.args[0])
         else:
             return None
-    interp = ValueRecorder(gm)
+    interp = ValueRecorder(gm, records)
     try:
         with torch.no_grad():
             interp.run(*args)

@@ -91,7 +91,7 @@ def analyse(root: nn.Module, inputs: tuple[Any, ...]) -> Analysis:
         if gm is None:
             result.notes[path] = reason or "could not trace"
             continue
-        values = G.node_values(gm, rec)
+        values = G.node_values(gm, rec, result.records)
         if values is None:
             result.notes[path] = "traced, but the graph could not be replayed on the recorded inputs"
             continue
@@ -263,7 +263,7 @@ def _extend(node: fx.Node, x: fx.Node, info: G.LeafInfo, base_cands: dict[fx.Nod
 
 
 def _chain_terms(terms: tuple[str, ...], info: G.LeafInfo) -> tuple[str, ...]:
-    if (info.op is not None and info.op.is_diagonal) or info.terms == ("identity",):
+    if info.terms == ("identity",):  # BN, scale, bias, identity: the branches stay as they were
         return terms
     if info.kind == "block" and len(info.terms) > 1:
         inner = "+".join(info.terms)
