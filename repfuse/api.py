@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, rewrite, verify
 from . import io as rio
-from . import rewrite, verify
 from .types import (
     FusionSite,
     ModuleInfo,

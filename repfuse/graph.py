@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from . import kernels as K
 from .kernels import ConvOp
@@ -39,8 +40,8 @@ def record_calls(model: nn.Module, inputs: tuple[Any, ...]) -> dict[int, CallRec
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         rec = records.get(id(module))
-        if rec is None:
-            records[id(module)] = CallRecord(args, kwargs, output)
+        if rec is None:  # copies: a later in-place op (ReLU(inplace=True), `x += y`) must not change them
+            records[id(module)] = CallRecord(_snapshot(args), _snapshot(kwargs), _snapshot(output))
         else:
             rec.calls += 1
 
@@ -53,6 +54,10 @@ def record_calls(model: nn.Module, inputs: tuple[Any, ...]) -> dict[int, CallRec
         for h in handles:
             h.remove()
     return records
+
+
+def _snapshot(value: Any) -> Any:
+    return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +136,7 @@ def lower_module(m: nn.Module, rec: CallRecord | None) -> LeafInfo | None:
     if isinstance(m, _IDENTITIES) and _same_forward(m, type(m)):
         if shape is None or len(shape) < 2:
             return LeafInfo(None, "identity")
-        return LeafInfo(K.identity_op(shape[1], len(shape) - 2), "identity", terms=("identity",))
+        return LeafInfo(K.identity_op(shape[1], len(shape) - 2), "identity", ops=0, terms=("identity",))
     for base in _POOLS:
         if isinstance(m, base) and _same_forward(m, base):
             nd = len(shape) - 2 if shape else 0
@@ -238,12 +243,12 @@ class ValueRecorder(fx.Interpreter):
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         rec = self.records.get(id(self.fetch_attr(target)))
         if rec is not None and rec.calls == 1:
-            return rec.output
+            return _snapshot(rec.output)
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
-        self.values[n] = value
+        self.values[n] = _snapshot(value)
         return value
 
 
@@ -342,9 +347,9 @@ def lower_function(node: fx.Node, args: list[Any], kwargs: dict[str, Any], shape
         if key in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
             if _arg(args, kwargs, 2, "training", True):
                 return None
-            return LeafInfo(K.identity_op(shape[1], nd), "identity", terms=("identity",))
+            return LeafInfo(K.identity_op(shape[1], nd), "identity", ops=0, terms=("identity",))
         if key in _IDENTITY_CALLS:
-            return LeafInfo(K.identity_op(shape[1], nd), "identity", ops=1, terms=("identity",))
+            return LeafInfo(K.identity_op(shape[1], nd), "identity", ops=0, terms=("identity",))
     except (TypeError, ValueError, IndexError, RuntimeError):
         return None
     return None

@@ -236,8 +236,8 @@ def parallel_sum(ops: list[ConvOp]) -> tuple[ConvOp | None, str | None]:
             return None, (f"branches are not centre-aligned on axis {axis} (kernel/padding "
                           f"{', '.join(f'{op.kernel_size[axis]}/{op.padding[axis]}' for op in ops)})")
         big_p = max(op.padding[axis] for op in ops)
-        if any((big_p - op.padding[axis]) % d for op in ops):
-            return None, f"padding difference on axis {axis} is not a multiple of the dilation {d}"
+        if any((big_p - op.padding[axis]) % d for op in ops):  # offsets fall between taps: go dense
+            ops = [replace(densify_axis(op, axis), dilation=_set(op.dilation, axis, 1)) for op in ops]
 
     groups = reduce(math.gcd, (op.groups for op in ops))
     ops = [regroup(op, groups) for op in ops]

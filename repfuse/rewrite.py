@@ -353,7 +353,9 @@ def _summarise(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]], co
     x, y = used[0], output.args[0]
     if used[0] is not placeholders[0]:
         return
-    compute = {n for n in nodes if n.op not in ("placeholder", "output") and n not in constants}
+    # nodes that yield no tensor (shape queries, `_assert`) are checks, not computation
+    compute = {n for n in nodes if n.op not in ("placeholder", "output") and n not in constants
+               and isinstance(values.get(n), torch.Tensor)}
     if y is x:
         plan.summary = cands[x].get(x)
         return

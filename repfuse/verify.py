@@ -74,7 +74,7 @@ def check_runs(model: nn.Module, shapes: Sequence[tuple[int, ...]], seed: int) -
     """Raise a RepfuseError with a hint when the model cannot run on inputs of `shapes`."""
     try:
         run(model, make_inputs(shapes, model_dtype(model), seed))
-    except Exception as exc:  # noqa: BLE001 - any failure here is a wrong or missing --input-shape
+    except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         shown = " ".join("x".join(map(str, s)) for s in shapes)
         raise RepfuseError(f"the model does not run on input shape {shown}: {first[:200]}",
@@ -154,5 +154,5 @@ def count_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int | None
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(*inputs)
         return int(counter.get_total_flops() // 2)
-    except Exception:  # noqa: BLE001 - counting is best effort, never fatal
+    except Exception:
         return None

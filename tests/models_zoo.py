@@ -78,6 +78,21 @@ def float64_rel_error(original: nn.Module, fused64: nn.Module, shape: tuple[int,
     return err / max(scale, 1e-300)
 
 
+def assert_deploy_runs(original: nn.Module, deploy: nn.Module, shape: tuple[int, ...], seed: int = 4321) -> None:
+    """The deploy model itself (not its float64 twin) runs in the model's dtype, returns that dtype, and agrees
+    with the original within the dtype's default tolerances (verify.compare never runs it for float64 models)."""
+    dtype = verify.model_dtype(original)
+    atol, rtol = verify.default_tolerances(dtype)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    with torch.no_grad():
+        ref, out = flat(original(x)), flat(deploy(x))
+    assert len(ref) == len(out)
+    for r, o in zip(ref, out):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        scale = float(r.double().abs().max())
+        assert float((o.double() - r.double()).abs().max()) <= atol + 2 * rtol * scale
+
+
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -104,6 +119,7 @@ def fuse_checked(model: nn.Module, shape: tuple[int, ...], *, convs: int | None 
     assert ver.passed, f"{ver.message}; sites={result.sites}; skipped={result.skipped}"
     assert ver.exact_max_rel_error < EXACT, ver
     assert float64_rel_error(model, result.fused64, shape) < EXACT
+    assert_deploy_runs(model, result.model, shape)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), \
         "api.fuse modified the original model"
