@@ -80,11 +80,11 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
     shapes = resolve_input_shapes(model, options)
     with clock.stage("trace", "tracing and analysing modules"):
         work = copy.deepcopy(model)
-        dtypes = {id(t): t.dtype for t in [*work.parameters(), *work.buffers()]}
+        dtypes = rewrite.original_dtypes(work)
         work.double()
         analysis = rewrite.analyse(work, verify.make_inputs(shapes, torch.float64, options.seed))
     with clock.stage("fuse", "fusing"):
-        applied = rewrite.apply(work, analysis, dtypes)
+        applied = rewrite.apply(work, analysis, dtypes, verify.model_dtype(model))
         fused64 = copy.deepcopy(applied.model)
         rewrite.restore_dtypes(applied.model, dtypes)
     return FuseResult(applied.model, fused64, applied.sites, analysis.skipped, analysis.notes, shapes,

@@ -63,9 +63,8 @@ class Analysis:
     notes: dict[str, str] = field(default_factory=dict)  # module path → why it was not analysed
 
     def skip(self, module: str, reason: str) -> None:
-        site = SkippedSite(module, reason)
-        if site not in self.skipped:
-            self.skipped.append(site)
+        if all(s.module != module for s in self.skipped):  # the first (deepest) reason per place
+            self.skipped.append(SkippedSite(module, reason))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +253,7 @@ def _extend(node: fx.Node, x: fx.Node, info: G.LeafInfo, base_cands: dict[fx.Nod
     for base, e in base_cands.items():
         op, reason = K.compose(e.op, info.op)
         if op is None:
-            if base is not x and not out:
+            if base is not x:
                 result.skip(_where(path, node), reason or "not exact")
             continue
         out[base] = G.Expr(op, e.nodes | {node}, e.ops + info.ops, _chain_terms(e.terms, info),
@@ -377,8 +376,19 @@ class Applied:
     new_modules: dict[str, tuple[ConvOp, nn.Module]]  # path → (float64 op, layer), for localisation
 
 
-def apply(root: nn.Module, analysis: Analysis, dtypes: dict[int, torch.dtype]) -> Applied:
-    """Rewrite `root` in place per `analysis`; `dtypes` maps id(tensor) → its original dtype."""
+DtypeMap = dict[tuple[int, str], torch.dtype]  # (id(module), tensor name) → dtype before float64
+
+
+def original_dtypes(model: nn.Module) -> DtypeMap:
+    """Every parameter's and buffer's dtype, keyed by owner module and name (ids of tensors do not
+    survive `.double()`, which replaces buffers)."""
+    return {(id(m), name): t.dtype for m in model.modules(remove_duplicate=False)
+            for store in (m._parameters, m._buffers) for name, t in store.items() if t is not None}
+
+
+def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.dtype) -> Applied:
+    """Rewrite `root` in place per `analysis`; `dtypes` maps tensors to their original dtype and learns
+    those of the new layers; `default` is the model's dtype, for layers whose sources held no weights."""
     sites: list[FusionSite] = []
     new_modules: dict[str, tuple[ConvOp, nn.Module]] = {}
     holder = nn.Module()
@@ -392,7 +402,7 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: dict[int, torch.dtype]) -
         seen.add(id(m))
         plan = analysis.plans.get(id(m))
         if plan is not None and plan.summary is not None and plan.summary.ops >= 2:
-            layer = materialise(plan.summary.op, _dtype_of(m, dtypes), dtypes)
+            layer = materialise(plan.summary.op, _dtype_of([m], dtypes, default), dtypes)
             setattr(parent, name, layer)
             before = _count_params(m)
             sites.append(_site(path, plan.summary, layer, before, plan.summary_error))
@@ -400,7 +410,7 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: dict[int, torch.dtype]) -
             return
         if plan is not None and plan.regions:
             try:
-                m = _to_graph_block(plan, path, dtypes, sites, new_modules)
+                m = _to_graph_block(plan, path, dtypes, default, sites, new_modules)
             except UnsupportedProgram as exc:
                 for r in plan.regions:
                     analysis.skip(_where(path, r.output), f"not rewritten: {exc}")
@@ -413,19 +423,23 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: dict[int, torch.dtype]) -
     return Applied(holder._modules["root"], sites, new_modules)
 
 
-def _dtype_of(m: nn.Module, dtypes: dict[int, torch.dtype]) -> tuple[torch.dtype, torch.device]:
-    for t in list(m.parameters()) + list(m.buffers()):
-        if t.is_floating_point():
-            return dtypes.get(id(t), t.dtype), t.device
-    return torch.float32, torch.device("cpu")
+def _dtype_of(sources: list[nn.Module], dtypes: DtypeMap, default: torch.dtype,
+              ) -> tuple[torch.dtype, torch.device]:
+    """Original dtype and device of the first floating tensor held by `sources` (their weights)."""
+    for source in sources:
+        for m in source.modules():
+            for store in (m._parameters, m._buffers):
+                for name, t in store.items():
+                    if t is not None and t.is_floating_point():
+                        return dtypes.get((id(m), name), t.dtype), t.device
+    return default, torch.device("cpu")
 
 
 def _count_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def materialise(op: ConvOp, dtype_device: tuple[torch.dtype, torch.device],
-                dtypes: dict[int, torch.dtype]) -> nn.Module:
+def materialise(op: ConvOp, dtype_device: tuple[torch.dtype, torch.device], dtypes: DtypeMap) -> nn.Module:
     """A ConvOp as a fresh nn.ConvNd (or nn.Linear) in float64; `dtypes` learns the dtype each new
     tensor is cast to at the very end (by `restore_dtypes`)."""
     target, device = dtype_device
@@ -442,8 +456,8 @@ def materialise(op: ConvOp, dtype_device: tuple[torch.dtype, torch.device],
         layer.weight = nn.Parameter(op.weight.to(dtype=dtype, device=device))
         if has_bias:
             layer.bias = nn.Parameter(op.bias.to(dtype=dtype, device=device))
-    for p in layer.parameters():
-        dtypes[id(p)] = target
+    for name in layer._parameters:
+        dtypes[(id(layer), name)] = target
     return layer
 
 
@@ -463,7 +477,7 @@ def _site(path: str, expr: G.Expr, layer: nn.Module, params_before: int, error: 
                       params_after=_count_params(layer), max_abs_error=error)
 
 
-def _to_graph_block(plan: ModulePlan, path: str, dtypes: dict[int, torch.dtype], sites: list[FusionSite],
+def _to_graph_block(plan: ModulePlan, path: str, dtypes: DtypeMap, default: torch.dtype, sites: list[FusionSite],
                     new_modules: dict[str, tuple[ConvOp, nn.Module]]) -> GraphBlock:
     """Replace each region of plan's graph by one layer; the module becomes a GraphBlock."""
     m, gm = plan.module, plan.gm
@@ -473,8 +487,8 @@ def _to_graph_block(plan: ModulePlan, path: str, dtypes: dict[int, torch.dtype],
     new_layers: list[tuple[str, nn.Module, Region, int]] = []
     for region, name in zip(plan.regions, names):
         targets = sorted({n.target for n in region.expr.nodes if n.op == "call_module"})
-        first = m.get_submodule(targets[0]) if targets else m
-        layer = materialise(region.expr.op, _dtype_of(first, dtypes), dtypes)
+        sources = [m.get_submodule(t) for t in targets]
+        layer = materialise(region.expr.op, _dtype_of(sources, dtypes, default), dtypes)
         before = sum(_count_params(m.get_submodule(t)) for t in targets)
         gm.add_submodule(name, layer)  # so fx's lint sees the target
         with graph.inserting_after(region.output):
@@ -511,6 +525,9 @@ def _to_graph_block(plan: ModulePlan, path: str, dtypes: dict[int, torch.dtype],
         block.register_parameter(name, p)
     for name, b in m._buffers.items():
         block.register_buffer(name, b, persistent=name not in m._non_persistent_buffers_set)
+    for name in [*m._parameters, *m._buffers]:
+        if (id(m), name) in dtypes:
+            dtypes[(id(block), name)] = dtypes[(id(m), name)]
     for t in still_used:
         if "." not in t and not hasattr(block, t):
             value = getattr(m, t)
@@ -559,13 +576,17 @@ def _delete_module(root: nn.Module, target: str) -> None:
             break
 
 
-def restore_dtypes(model: nn.Module, dtypes: dict[int, torch.dtype]) -> None:
+def restore_dtypes(model: nn.Module, dtypes: DtypeMap) -> None:
     """Cast every surviving tensor back to the dtype it had before the float64 working copy."""
-    for m in model.modules():
-        for store in (m._parameters, m._buffers):
-            for t in store.values():
-                if t is not None and id(t) in dtypes and t.dtype != dtypes[id(t)]:
-                    t.data = t.data.to(dtypes[id(t)])
+    for m in model.modules(remove_duplicate=False):
+        for name, p in m._parameters.items():
+            dtype = dtypes.get((id(m), name))
+            if p is not None and dtype is not None and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in m._buffers.items():
+            dtype = dtypes.get((id(m), name))
+            if b is not None and dtype is not None and b.dtype != dtype:
+                m._buffers[name] = b.to(dtype)
 
 
 def count_layers(model: nn.Module) -> tuple[int, int]:

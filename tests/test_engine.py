@@ -1117,11 +1117,6 @@ class KeepsBN(nn.Module):
         return x
 
 
-@pytest.mark.xfail(strict=True, reason="ENGINE BUG: api.fuse works on `copy.deepcopy(model).double()`, and "
-                   "Module.double() replaces BUFFERS by new tensors, so rewrite.restore_dtypes (keyed by id(t) "
-                   "taken before .double()) misses them: unfused BNs keep float64 running stats (some by luck "
-                   "of id reuse get restored) and the float32 deploy model fails with 'expected scalar type "
-                   "Float but found Double'")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_unfused_bn_keeps_model_dtype(dtype):
     model = randomize(KeepsBN()).to(dtype)
@@ -1144,11 +1139,6 @@ class DropPathResidual(nn.Module):
         return F.relu(x + self.drop_path(self.mlp(x)))
 
 
-@pytest.mark.xfail(strict=True, reason="ENGINE BUG: rewrite._to_graph_block takes the new layer's dtype from the "
-                   "region's alphabetically first call_module target (`drop_path`, an nn.Identity without "
-                   "tensors), and _dtype_of then falls back to float32: in a float16/bfloat16/float64 model the "
-                   "fused conv stays float32 and the deploy model fails ('Input type ... and bias type (float) "
-                   "should be the same')")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_region_layer_dtype(dtype):
     model = Net(DropPathResidual(), DropPathResidual())
@@ -1160,9 +1150,6 @@ def test_region_layer_dtype_float32():
     fuse_checked(Net(DropPathResidual(), DropPathResidual()), SHAPE, convs=2, norms=0, keep=["head"])
 
 
-@pytest.mark.xfail(strict=True, reason="VERIFY GAP: for a float64 model verify.compare only runs `fused64` (the "
-                   "deployed-dtype check is skipped), never `fused` itself, so a deploy model that is wrong or does "
-                   "not even run (e.g. test_region_layer_dtype[float64]) is reported as passed")
 def test_verify_runs_the_deploy_model_for_float64_models():
     model = randomize(Net(RepVGGBlock(C, C))).double()
     res = api.fuse(model, Options(input_shapes=(SHAPE,)))
