@@ -50,9 +50,14 @@ def counts(model: nn.Module) -> tuple[int, int]:
     return convs, norms
 
 
+def fmt(model: nn.Module) -> str:
+    convs, norms = counts(model)
+    return f"{convs}/{norms}"
+
+
 def latency(model: nn.Module, x: torch.Tensor, iters: int) -> float:
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(10):
             model(x)
         times = []
         for _ in range(iters):
@@ -75,6 +80,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # fused weights can hold denormals; they make CPU convs crawl
     print(f"timm {timm.__version__}, torch {torch.__version__}, {args.threads} threads, "
           f"input 1×3×{args.size}×{args.size}")
     header = (f"{'model':<18} {'err timm':>9} {'err repfuse':>11} {'conv/BN train':>13} {'conv/BN timm':>12} "
@@ -84,7 +90,7 @@ def main() -> None:
         torch.manual_seed(0)
         try:
             model = timm.create_model(name, pretrained=False)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             print(f"{name:<18} cannot build: {exc}")
             continue
         randomize_bn(model, 0)
@@ -96,7 +102,7 @@ def main() -> None:
         fuse_s = time.perf_counter() - start
         ours = result.model.eval()
         row = (f"{name:<18} {max_err(model, timm_deploy, x):>9.2e} {max_err(model, ours, x):>11.2e} "
-               f"{'%d/%d' % counts(model):>13} {'%d/%d' % counts(timm_deploy):>12} {'%d/%d' % counts(ours):>15} "
+               f"{fmt(model):>13} {fmt(timm_deploy):>12} {fmt(ours):>15} "
                f"{latency(model, x, args.iters) * 1e3:>8.2f} {latency(timm_deploy, x, args.iters) * 1e3:>8.2f} "
                f"{latency(ours, x, args.iters) * 1e3:>10.2f} {len(result.sites):>5}")
         print(row, f"(fuse {fuse_s:.1f}s, {len(result.skipped)} skipped)", flush=True)

@@ -8,6 +8,7 @@ same way, and a module that cannot be traced still has its children fused.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,12 @@ class Expr:
     norms: int = 0
     scales: int = 0
     leaves: tuple[str, ...] = ()  # dotted paths of the layers folded in
+    cost: float = 0.0  # multiply-adds per position of `base` of the ops folded in (see op_cost)
+
+
+def op_cost(op: ConvOp) -> float:
+    """Multiply-adds of `op` per position of its input: weight taps per output position / stride."""
+    return op.weight.numel() / math.prod(op.stride)
 
 
 @dataclass
@@ -93,6 +100,10 @@ class LeafInfo:
     norms: int = 0
     scales: int = 0
     leaves: tuple[str, ...] = ()
+    cost: float | None = None  # per input position; None: that of `op` itself
+
+    def input_cost(self) -> float:
+        return self.cost if self.cost is not None else op_cost(self.op) if self.op is not None else 0.0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,15 @@ from .modules import GraphBlock, UnsupportedProgram, graph_to_program
 from .types import FusionSite, SkippedSite
 
 MAX_BASES = 8  # candidate expressions kept per node: bounds the work on long affine chains
+COST_SLACK = 1.0 + 1e-9  # a fused layer may not cost more multiply-adds than the ops it replaces
+# ... but a partial sum or chain may (3×3 d2 + 3×3 is a 5×5 before the 5×5 branch joins); beyond this
+# factor a candidate is dropped at once, so that a depthwise → pointwise chain never builds a dense kernel
+CANDIDATE_COST_LIMIT = 4.0
+
+
+def _costlier(op: ConvOp, parts: float) -> str:
+    return (f"one {K.describe_kernel(op.kernel_size)} conv with groups={op.groups} would cost "
+            f"{G.op_cost(op) / max(parts, 1e-30):.1f}× the multiply-adds of the ops it replaces")
 
 
 SELF_CHECK_RTOL = 1e-9  # a fused op must reproduce its sub-graph's recorded float64 output to this
@@ -99,7 +108,7 @@ def analyse(root: nn.Module, inputs: tuple[Any, ...]) -> Analysis:
         if plan.summary is not None:
             s = plan.summary
             result.leaves[id(m)] = G.LeafInfo(s.op, "block", ops=s.ops, terms=s.terms, norms=s.norms,
-                                              scales=s.scales, leaves=s.leaves)
+                                              scales=s.scales, leaves=s.leaves, cost=s.cost)
     return result
 
 
@@ -185,9 +194,13 @@ def _sum_cands(node: fx.Node, operands: list[fx.Node], cands: dict[fx.Node, dict
         if op is None:
             first_reason = first_reason or reason
             continue
+        cost = eu.cost + ev.cost
+        if G.op_cost(op) > cost * CANDIDATE_COST_LIMIT:
+            first_reason = first_reason or _costlier(op, cost)
+            continue
         out[base] = G.Expr(op, eu.nodes | ev.nodes | {node}, eu.ops + ev.ops + 1, eu.terms + ev.terms,
                            eu.norms + ev.norms, eu.scales + ev.scales + (sign * alpha != 1),
-                           eu.leaves + ev.leaves)
+                           eu.leaves + ev.leaves, cost)
     if not out and first_reason:
         result.skip(_where(path, node), first_reason)
     return _cap(out)
@@ -252,12 +265,15 @@ def _extend(node: fx.Node, x: fx.Node, info: G.LeafInfo, base_cands: dict[fx.Nod
     out: dict[fx.Node, G.Expr] = {}
     for base, e in base_cands.items():
         op, reason = K.compose(e.op, info.op)
+        cost = e.cost + info.input_cost() / math.prod(e.op.stride)
+        if op is not None and G.op_cost(op) > cost * CANDIDATE_COST_LIMIT:
+            op, reason = None, _costlier(op, cost)
         if op is None:
             if base is not x:
                 result.skip(_where(path, node), reason or "not exact")
             continue
         out[base] = G.Expr(op, e.nodes | {node}, e.ops + info.ops, _chain_terms(e.terms, info),
-                           e.norms + info.norms, e.scales + info.scales, e.leaves + info.leaves)
+                           e.norms + info.norms, e.scales + info.scales, e.leaves + info.leaves, cost)
     return _cap(out)
 
 
@@ -286,8 +302,11 @@ def _choose_regions(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]
             if expr.ops < 2 or _single_child(expr):
                 continue
             problem = _region_problem(expr.nodes, y, consumed, result)
-            error, check = _self_check(expr, values.get(base), values.get(y))
-            problem = problem or check
+            if problem is None and G.op_cost(expr.op) > expr.cost * COST_SLACK:
+                problem = _costlier(expr.op, expr.cost)
+            error = 0.0
+            if problem is None:
+                error, problem = _self_check(expr, values.get(base), values.get(y))
             if problem:
                 if i == 0:
                     result.skip(_where(plan.path, y), problem)
@@ -401,7 +420,8 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
             return
         seen.add(id(m))
         plan = analysis.plans.get(id(m))
-        if plan is not None and plan.summary is not None and plan.summary.ops >= 2:
+        if (plan is not None and plan.summary is not None and plan.summary.ops >= 2
+                and G.op_cost(plan.summary.op) <= plan.summary.cost * COST_SLACK):
             layer = materialise(plan.summary.op, _dtype_of([m], dtypes, default), dtypes)
             setattr(parent, name, layer)
             before = _count_params(m)
