@@ -81,6 +81,8 @@ class Expr:
     scales: int = 0
     leaves: tuple[str, ...] = ()  # dotted paths of the layers folded in
     cost: float = 0.0  # multiply-adds per position of `base` of the ops folded in (see op_cost)
+    # ends inside a child (its affine prefix), not at this node's value: may end a region, never extend
+    partial: bool = False
 
 
 def op_cost(op: ConvOp) -> float:
@@ -101,6 +103,7 @@ class LeafInfo:
     scales: int = 0
     leaves: tuple[str, ...] = ()
     cost: float | None = None  # per input position; None: that of `op` itself
+    partial: bool = False  # only the child's affine prefix (see rewrite.Prefix), not its whole forward
 
     def input_cost(self) -> float:
         return self.cost if self.cost is not None else op_cost(self.op) if self.op is not None else 0.0

@@ -53,6 +53,16 @@ class Region:
 
 
 @dataclass
+class Prefix:
+    """The affine start of a module's forward (conv → BN before an activation): a parent may fold
+    it into the ops before the call, leaving the module to do only the rest."""
+
+    output: fx.Node  # last node of the prefix, in the module's own graph
+    expr: G.Expr  # relative to the module's input
+    value: torch.Tensor  # its recorded float64 value (for the parent's self-check)
+
+
+@dataclass
 class ModulePlan:
     path: str
     module: nn.Module
@@ -60,6 +70,8 @@ class ModulePlan:
     summary: G.Expr | None = None  # the whole forward as one op of its single input
     summary_error: float = 0.0
     regions: list[Region] = field(default_factory=list)
+    prefix: Prefix | None = None
+    strip_prefix: bool = False  # set by apply when the parent folded the prefix in
     note: str = ""
 
 
@@ -70,6 +82,7 @@ class Analysis:
     records: dict[int, G.CallRecord] = field(default_factory=dict)
     skipped: list[SkippedSite] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)  # module path → why it was not analysed
+    prefix_values: dict[int, torch.Tensor] = field(default_factory=dict)  # module id → its prefix's value
 
     def skip(self, module: str, reason: str) -> None:
         if all(s.module != module for s in self.skipped):  # the first (deepest) reason per place
@@ -109,6 +122,11 @@ def analyse(root: nn.Module, inputs: tuple[Any, ...]) -> Analysis:
             s = plan.summary
             result.leaves[id(m)] = G.LeafInfo(s.op, "block", ops=s.ops, terms=s.terms, norms=s.norms,
                                               scales=s.scales, leaves=s.leaves, cost=s.cost)
+        elif plan.prefix is not None:
+            s = plan.prefix.expr
+            result.leaves[id(m)] = G.LeafInfo(s.op, "prefix", ops=s.ops, terms=s.terms, norms=s.norms,
+                                              scales=s.scales, leaves=s.leaves, cost=s.cost, partial=True)
+            result.prefix_values[id(m)] = plan.prefix.value
     return result
 
 
@@ -190,6 +208,8 @@ def _sum_cands(node: fx.Node, operands: list[fx.Node], cands: dict[fx.Node, dict
     first_reason = None
     for base in cu.keys() & cv.keys():
         eu, ev = cu[base], cv[base]
+        if eu.partial or ev.partial:
+            continue
         op, reason = K.parallel_sum([eu.op, K.scale_op(ev.op, sign * alpha)])
         if op is None:
             first_reason = first_reason or reason
@@ -264,6 +284,8 @@ def _extend(node: fx.Node, x: fx.Node, info: G.LeafInfo, base_cands: dict[fx.Nod
     """Candidates of `node = info(x)`: info composed after each candidate of x."""
     out: dict[fx.Node, G.Expr] = {}
     for base, e in base_cands.items():
+        if e.partial or (info.partial and base is x):  # base x alone: the child's own business
+            continue
         op, reason = K.compose(e.op, info.op)
         cost = e.cost + info.input_cost() / math.prod(e.op.stride)
         if op is not None and G.op_cost(op) > cost * CANDIDATE_COST_LIMIT:
@@ -273,7 +295,8 @@ def _extend(node: fx.Node, x: fx.Node, info: G.LeafInfo, base_cands: dict[fx.Nod
                 result.skip(_where(path, node), reason or "not exact")
             continue
         out[base] = G.Expr(op, e.nodes | {node}, e.ops + info.ops, _chain_terms(e.terms, info),
-                           e.norms + info.norms, e.scales + info.scales, e.leaves + info.leaves, cost)
+                           e.norms + info.norms, e.scales + info.scales, e.leaves + info.leaves, cost,
+                           partial=info.partial)
     return _cap(out)
 
 
@@ -306,7 +329,10 @@ def _choose_regions(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]
                 problem = _costlier(expr.op, expr.cost)
             error = 0.0
             if problem is None:
-                error, problem = _self_check(expr, values.get(base), values.get(y))
+                target = values.get(y)
+                if expr.partial:
+                    target = result.prefix_values.get(id(plan.gm.get_submodule(y.target)))
+                error, problem = _self_check(expr, values.get(base), target)
             if problem:
                 if i == 0:
                     result.skip(_where(plan.path, y), problem)
@@ -378,10 +404,37 @@ def _summarise(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]], co
         plan.summary = cands[x].get(x)
         return
     expr = cands.get(y, {}).get(x)
-    if expr is not None and expr.nodes == compute:
+    if expr is not None and not expr.partial and expr.nodes == compute:
         error, problem = _self_check(expr, values.get(x), values.get(y))
         if problem is None:
             plan.summary, plan.summary_error = expr, error
+            return
+    plan.prefix = _find_prefix(plan, cands, x, values)
+
+
+def _find_prefix(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]], x: fx.Node,
+                 values: dict[fx.Node, Any]) -> Prefix | None:
+    """The largest affine sub-graph that starts at the input `x` and through which `x` flows entirely."""
+    best: Prefix | None = None
+    for y, c in cands.items():
+        expr = c.get(x)
+        if y is x or expr is None or expr.partial or expr.ops < 1 or not y.users:
+            continue
+        if best is not None and len(expr.nodes) <= len(best.expr.nodes):
+            continue
+        inside = expr.nodes | {x}
+        if any(u not in inside for n in inside - {y} for u in n.users):
+            continue
+        value = values.get(y)
+        if not isinstance(value, torch.Tensor) or _self_check(expr, values.get(x), value)[1]:
+            continue
+        best = Prefix(y, expr, value)
+    if best is not None:
+        try:
+            graph_to_program(plan.gm.graph)  # the stripped module must be storable as a GraphBlock
+        except UnsupportedProgram:
+            return None
+    return best
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,9 +481,9 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
             sites.append(_site(path, plan.summary, layer, before, plan.summary_error))
             new_modules[path] = (plan.summary.op, layer)
             return
-        if plan is not None and plan.regions:
+        if plan is not None and (plan.regions or plan.strip_prefix):
             try:
-                m = _to_graph_block(plan, path, dtypes, default, sites, new_modules)
+                m = _to_graph_block(plan, path, analysis, dtypes, default, sites, new_modules)
             except UnsupportedProgram as exc:
                 for r in plan.regions:
                     analysis.skip(_where(path, r.output), f"not rewritten: {exc}")
@@ -497,25 +550,51 @@ def _site(path: str, expr: G.Expr, layer: nn.Module, params_before: int, error: 
                       params_after=_count_params(layer), max_abs_error=error)
 
 
-def _to_graph_block(plan: ModulePlan, path: str, dtypes: DtypeMap, default: torch.dtype, sites: list[FusionSite],
-                    new_modules: dict[str, tuple[ConvOp, nn.Module]]) -> GraphBlock:
-    """Replace each region of plan's graph by one layer; the module becomes a GraphBlock."""
+def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: DtypeMap, default: torch.dtype,
+                    sites: list[FusionSite], new_modules: dict[str, tuple[ConvOp, nn.Module]]) -> GraphBlock:
+    """Replace each region of plan's graph by one layer; the module becomes a GraphBlock.
+
+    A region that ends in a child's affine prefix feeds the new layer to that child, whose prefix
+    is then stripped when the child is visited (`strip_prefix`).
+    """
     m, gm = plan.module, plan.gm
     graph = gm.graph
-    names = _fused_names(m, len(plan.regions))
+    graph_to_program(graph)  # raises UnsupportedProgram before anything is changed
     consumed_modules: list[str] = []
+    regions = plan.regions
+    if plan.strip_prefix and plan.prefix is not None:
+        inner = plan.prefix.expr.nodes
+        regions = [r for r in regions if not (r.expr.nodes & inner)]
+        placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+        plan.prefix.output.replace_all_uses_with(placeholder)
+        for n in sorted(inner, key=_order(graph), reverse=True):
+            graph.erase_node(n)
+        consumed_modules.extend(sorted({n.target for n in inner if n.op == "call_module"}))
+    names = _fused_names(m, len(regions))
     new_layers: list[tuple[str, nn.Module, Region, int]] = []
-    for region, name in zip(plan.regions, names):
-        targets = sorted({n.target for n in region.expr.nodes if n.op == "call_module"})
+    for region, name in zip(regions, names):
+        kept = region.output if region.expr.partial else None  # the child that keeps its suffix
+        targets = sorted({n.target for n in region.expr.nodes if n.op == "call_module" and n is not kept})
         sources = [m.get_submodule(t) for t in targets]
+        if kept is not None:
+            sources.append(m.get_submodule(kept.target))
         layer = materialise(region.expr.op, _dtype_of(sources, dtypes, default), dtypes)
         before = sum(_count_params(m.get_submodule(t)) for t in targets)
         gm.add_submodule(name, layer)  # so fx's lint sees the target
-        with graph.inserting_after(region.output):
-            new = graph.create_node("call_module", name, (region.base,))
-        region.output.replace_all_uses_with(new)
-        new.args = (region.base,)
-        for n in sorted(region.expr.nodes, key=_order(graph), reverse=True):
+        if kept is None:
+            with graph.inserting_after(region.output):
+                new = graph.create_node("call_module", name, (region.base,))
+            region.output.replace_all_uses_with(new)
+            new.args = (region.base,)
+        else:
+            child = m.get_submodule(kept.target)
+            analysis.plans[id(child)].strip_prefix = True
+            before += sum(p.numel() for n in analysis.plans[id(child)].prefix.expr.nodes if n.op == "call_module"
+                          for p in child.get_submodule(n.target).parameters())
+            with graph.inserting_before(kept):
+                new = graph.create_node("call_module", name, (region.base,))
+            kept.args = (new,)
+        for n in sorted(region.expr.nodes - {kept}, key=_order(graph), reverse=True):
             graph.erase_node(n)
         consumed_modules.extend(targets)
         new_layers.append((name, layer, region, before))

@@ -813,9 +813,6 @@ def test_replknet_inplace_sum():
     assert [s.kernel for s in res.sites if s.groups == 8] == [(13, 13)]
 
 
-@pytest.mark.xfail(strict=True, reason="NOT SUPPORTED: prelkb_bn feeds the first conv of the pw1 Sequential "
-                   "(conv_bn, ReLU); BN → unpadded 1×1 conv is exact, but the engine does not fuse across a module "
-                   "boundary unless the child is one op as a whole, so the BN stays")
 def test_replknet_prelkb_bn_folded_into_pw1():
     model = randomize(Net(RepLKBlock(C, 8, 13, 5, pre_bn=True)))
     res = api.fuse(model, Options(input_shapes=(SHAPE,)))
@@ -1089,9 +1086,6 @@ def test_timm_batchnormact_relu_is_not_a_plain_bn(norm, inplace):
     assert float(out.min()) >= 0.0 and float((out == 0).double().mean()) > 0.1  # the ReLU still acts
 
 
-@pytest.mark.xfail(strict=True, reason="NOT SUPPORTED: conv → BatchNormAct2d(act=ReLU): the BN inside the child "
-                   "is not folded into the parent's conv (no fusion across a module boundary unless the child is "
-                   "one op as a whole)")
 def test_timm_batchnormact_relu_conv_bn_folded():
     model = ConvNormAct(C, 8, 3, apply_act=True, norm=BatchNormAct2dNoAssert, inplace=False)
     res = fuse_checked(model, SHAPE, convs=1, norms=0, dtype=torch.float64)
