@@ -144,8 +144,10 @@ def lower_module(m: nn.Module, rec: CallRecord | None) -> LeafInfo | None:
         if isinstance(m, base) and _same_forward(m, base):
             return _lower_bn(m, shape)
     if isinstance(m, nn.Linear) and _same_forward(m, nn.Linear):
-        if shape is None or len(shape) != 2:
-            return LeafInfo(None, "linear")  # on [N, L, C] a Linear acts on the last axis, BN on axis 1
+        if shape is None or len(shape) < 2:
+            return LeafInfo(None, "linear")
+        # an nd == 0 op acts on the LAST axis ([N, C], or [B, L, C] as in LeViT); BatchNorm1d on
+        # [N, C, L] is nd == 1 and acts on axis 1, so the two never compose by mistake
         return LeafInfo(K.linear_op(m.weight, m.bias), "linear", terms=("linear",))
     if isinstance(m, _IDENTITIES) and _same_forward(m, type(m)):
         if shape is None or len(shape) < 2:
@@ -297,6 +299,9 @@ _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _DIV = {operator.truediv, torch.div, "div", "truediv"}
 _NEG = {operator.neg, torch.neg, "neg"}
 _IDENTITY_CALLS = {"contiguous", "clone", torch.clone}
+# reshapes that keep the last axis whole: they commute with any op acting on the last axis (nd == 0)
+LAYOUT_CALLS = {"flatten", "reshape", "view", "reshape_as", "view_as", "unflatten", torch.flatten, torch.reshape,
+                torch.unflatten}
 _FCONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _FAVG = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, torch.avg_pool1d: 1}
 
@@ -316,6 +321,8 @@ def lower_function(node: fx.Node, args: list[Any], kwargs: dict[str, Any], shape
     if shape is None or len(shape) < 2:
         return None
     nd = len(shape) - 2
+    if key in (F.linear, torch._C._nn.linear):
+        nd = 0
     try:
         if key in _FCONV:
             w = _arg(args, kwargs, 1, "weight")
@@ -339,7 +346,7 @@ def lower_function(node: fx.Node, args: list[Any], kwargs: dict[str, Any], shape
             w, b = _arg(args, kwargs, 3, "weight", None), _arg(args, kwargs, 4, "bias", None)
             eps = _arg(args, kwargs, 7, "eps", 1e-5)
             return LeafInfo(K.fold_bn(mean, var, w, b, eps, nd), "bn", norms=1, terms=("identity",))
-        if key in (F.linear, torch._C._nn.linear) and nd == 0:
+        if key in (F.linear, torch._C._nn.linear):
             return LeafInfo(K.linear_op(_arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias", None)),
                             "linear", terms=("linear",))
         if key in _FAVG:

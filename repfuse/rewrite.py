@@ -158,13 +158,18 @@ def _analyse_graph(path: str, module: nn.Module, gm: fx.GraphModule, values: dic
         own = _self_cands(node, values)
         tensor_inputs = [i for i in inputs if i not in constants]
         shape = G._tensor_shape(values.get(node))
+        if G.call_key(node) in ("reshape_as", "view_as") and isinstance(node.args[0], fx.Node):
+            tensor_inputs = [node.args[0]]  # the other argument only lends its shape
         if len(tensor_inputs) == 2 and _is_sum(node):
-            cands[node] = own | _sum_cands(node, tensor_inputs, cands, result, path)
+            cands[node] = own | _sum_cands(node, tensor_inputs, cands, result, path, values)
             continue
         if len(tensor_inputs) != 1:
             cands[node] = own
             continue
         x = tensor_inputs[0]
+        if G.call_key(node) in G.LAYOUT_CALLS:
+            cands[node] = own | _through_layout(node, x, values, cands.get(x, {}))
+            continue
         info = _unary_info(node, x, values, constants, result, prefix)
         if info is None or info.op is None:
             if info is not None and info.reason and x in cands and len(cands[x]) > 1:
@@ -174,11 +179,43 @@ def _analyse_graph(path: str, module: nn.Module, gm: fx.GraphModule, values: dic
         if shape is None:
             cands[node] = own
             continue
-        cands[node] = own | _extend(node, x, info, cands.get(x, {}), result, path)
+        cands[node] = own | _extend(node, x, info, cands.get(x, {}), result, path, values)
 
     _choose_regions(plan, cands, values, result)
     _summarise(plan, cands, constants, values)
     return plan
+
+
+def _through_layout(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any],
+                    base_cands: dict[fx.Node, G.Expr]) -> dict[fx.Node, G.Expr]:
+    """A reshape that keeps the last axis whole passes the last-axis (nd == 0) expressions through."""
+    a, b = values.get(x), values.get(node)
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() < 2 or b.dim() < 2:
+        return {}
+    if a.shape[-1] != b.shape[-1] or a.numel() != b.numel():
+        return {}
+    out = {}
+    for base, e in base_cands.items():
+        e = _in_layout(e, 0, values.get(base)) if _is_identity(e.op) else e
+        if e is not None and e.op.nd == 0 and not e.partial:
+            out[base] = replace(e, nodes=e.nodes | {node})
+    return out
+
+
+def _is_identity(op: ConvOp) -> bool:
+    return op.is_diagonal and bool(torch.all(op.weight == 1)) and not bool(torch.any(op.bias))
+
+
+def _in_layout(e: G.Expr, nd: int, value: Any) -> G.Expr | None:
+    """A node's identity expression on itself, re-expressed for an op with `nd` spatial axes:
+    channel-first ([N, C, *S]) for nd ≥ 1, last-axis ([..., C]) for nd == 0."""
+    if e.op.nd == nd or not isinstance(value, torch.Tensor):
+        return e
+    if nd == 0:
+        return replace(e, op=K.identity_op(value.shape[-1], 0))
+    if value.dim() == nd + 2:
+        return replace(e, op=K.identity_op(value.shape[1], nd))
+    return None
 
 
 def _self_cands(node: fx.Node, values: dict[fx.Node, Any]) -> dict[fx.Node, G.Expr]:
@@ -195,7 +232,7 @@ def _is_sum(node: fx.Node) -> bool:
 
 
 def _sum_cands(node: fx.Node, operands: list[fx.Node], cands: dict[fx.Node, dict[fx.Node, G.Expr]],
-               result: Analysis, path: str) -> dict[fx.Node, G.Expr]:
+               result: Analysis, path: str, values: dict[fx.Node, Any]) -> dict[fx.Node, G.Expr]:
     u, v = node.args[0], node.args[1]
     if not (isinstance(u, fx.Node) and isinstance(v, fx.Node)):
         return {}
@@ -209,6 +246,12 @@ def _sum_cands(node: fx.Node, operands: list[fx.Node], cands: dict[fx.Node, dict
     for base in cu.keys() & cv.keys():
         eu, ev = cu[base], cv[base]
         if eu.partial or ev.partial:
+            continue
+        if _is_identity(eu.op):
+            eu = _in_layout(eu, ev.op.nd, values.get(base))
+        if _is_identity(ev.op) and eu is not None:
+            ev = _in_layout(ev, eu.op.nd, values.get(base))
+        if eu is None or ev is None:
             continue
         op, reason = K.parallel_sum([eu.op, K.scale_op(ev.op, sign * alpha)])
         if op is None:
@@ -280,12 +323,16 @@ def _unary_info(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], constants
 
 
 def _extend(node: fx.Node, x: fx.Node, info: G.LeafInfo, base_cands: dict[fx.Node, G.Expr],
-            result: Analysis, path: str) -> dict[fx.Node, G.Expr]:
+            result: Analysis, path: str, values: dict[fx.Node, Any]) -> dict[fx.Node, G.Expr]:
     """Candidates of `node = info(x)`: info composed after each candidate of x."""
     out: dict[fx.Node, G.Expr] = {}
     for base, e in base_cands.items():
         if e.partial or (info.partial and base is x):  # base x alone: the child's own business
             continue
+        if _is_identity(e.op):  # an identity takes the layout of the op applied to it
+            e = _in_layout(e, info.op.nd, values.get(base))
+            if e is None:
+                continue
         op, reason = K.compose(e.op, info.op)
         cost = e.cost + info.input_cost() / math.prod(e.op.stride)
         if op is not None and G.op_cost(op) > cost * CANDIDATE_COST_LIMIT:
@@ -423,9 +470,12 @@ def _find_prefix(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]], 
         if best is not None and len(expr.nodes) <= len(best.expr.nodes):
             continue
         inside = expr.nodes | {x}
-        if any(u not in inside for n in inside - {y} for u in n.users):
-            continue
         value = values.get(y)
+        same_shape = isinstance(value, torch.Tensor) and value.shape == getattr(values.get(x), "shape", None)
+        # checks on the input (`_assert(x.ndim == 4)`) still hold when the prefix keeps the shape
+        if any(u not in inside and not (n is x and same_shape and not isinstance(values.get(u), torch.Tensor))
+               for n in inside - {y} for u in n.users):
+            continue
         if not isinstance(value, torch.Tensor) or _self_check(expr, values.get(x), value)[1]:
             continue
         best = Prefix(y, expr, value)
