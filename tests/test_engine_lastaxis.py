@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from models_zoo import fuse_checked
+from torch import nn
 
 C, N = 8, 7
 
