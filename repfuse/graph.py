@@ -369,11 +369,35 @@ def lower_function(node: fx.Node, args: list[Any], kwargs: dict[str, Any], shape
             if _arg(args, kwargs, 2, "training", True):
                 return None
             return LeafInfo(K.identity_op(shape[1], nd), "identity", ops=0, terms=("identity",))
+        if key is operator.getitem:
+            return _lower_crop(args[1], shape)
         if key in _IDENTITY_CALLS:
             return LeafInfo(K.identity_op(shape[1], nd), "identity", ops=0, terms=("identity",))
     except (TypeError, ValueError, IndexError, RuntimeError):
         return None
     return None
+
+
+def _lower_crop(index: Any, shape: tuple[int, ...]) -> LeafInfo | None:
+    """``x[:, :, c:-c, ...]``: a symmetric crop of the spatial axes, as padding −c."""
+    index = index if isinstance(index, tuple) else (index,)
+    if sum(i is Ellipsis for i in index) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (len(shape) - len(index) + 1) + index[at + 1:]
+    index = index + (slice(None),) * (len(shape) - len(index))
+    if len(index) != len(shape) or any(i != slice(None) for i in index[:2]):
+        return None
+    crops = []
+    for sl, size in zip(index[2:], shape[2:]):
+        if sl.step not in (None, 1):
+            return None
+        start, stop, _ = sl.indices(size)
+        if stop - start <= 0 or start != size - stop:
+            return None
+        crops.append(-start)
+    return LeafInfo(K.pad_op(shape[1], tuple(crops)), "crop", terms=("identity",))
 
 
 def _arg(args: list[Any], kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:

@@ -132,7 +132,8 @@ def fold_bn(
 
 
 def pad_op(channels: int, pads: Ints) -> ConvOp:
-    """Zero padding by `pads[i]` on both sides of axis i: the identity with padding."""
+    """Zero padding by `pads[i]` on both sides of axis i: the identity with padding. A negative pad
+    crops (``x[..., c:-c]`` is padding −c); a fused layer must end with padding ≥ 0."""
     op = identity_op(channels, len(pads))
     return replace(op, padding=tuple(pads))
 
@@ -382,6 +383,12 @@ def apply_op(op: ConvOp, x: torch.Tensor) -> torch.Tensor:
         dense = regroup(op, 1) if op.groups > 1 else op
         return F.linear(x, dense.weight.to(x.dtype), b)
     padding: Ints = op.padding
+    if any(p < 0 for p in padding):  # a crop: cut the border first
+        for axis, p in enumerate(padding):
+            if p < 0:
+                x = x.narrow(2 + axis, -p, x.shape[2 + axis] + 2 * p)
+        padding = tuple(max(p, 0) for p in padding)
+        op = replace(op, padding=padding)
     if op.padding_mode != "zeros" and any(op.padding):
         pads = [p for p in reversed(op.padding) for _ in (0, 1)]
         x = F.pad(x, pads, mode=op.padding_mode)

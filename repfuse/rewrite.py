@@ -374,6 +374,8 @@ def _choose_regions(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]
             problem = _region_problem(expr.nodes, y, consumed, result)
             if problem is None and G.op_cost(expr.op) > expr.cost * COST_SLACK:
                 problem = _costlier(expr.op, expr.cost)
+            if problem is None and any(p < 0 for p in expr.op.padding):
+                problem = "the sub-graph crops more than it pads: not one conv on its own"
             error = 0.0
             if problem is None:
                 target = values.get(y)
@@ -524,7 +526,8 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
         seen.add(id(m))
         plan = analysis.plans.get(id(m))
         if (plan is not None and plan.summary is not None and plan.summary.ops >= 2
-                and G.op_cost(plan.summary.op) <= plan.summary.cost * COST_SLACK):
+                and G.op_cost(plan.summary.op) <= plan.summary.cost * COST_SLACK
+                and all(p >= 0 for p in plan.summary.op.padding)):
             layer = materialise(plan.summary.op, _dtype_of([m], dtypes, default), dtypes)
             setattr(parent, name, layer)
             before = _count_params(m)

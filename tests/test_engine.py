@@ -359,9 +359,6 @@ def test_acnet_asymmetric_kernels(k, affine):
     assert all(s.kernel == (k, k) for s in res.sites)
 
 
-@pytest.mark.xfail(strict=True, reason="NOT SUPPORTED: ACNet's crop path (padding < k//2: input[:, :, 1:-1, :] "
-                   "before the k×1 conv) is not lowered (slicing is not an affine op of the engine): each branch's "
-                   "conv+BN folds, but the three branches stay three convs")
 def test_acnet_crop_layer_padding_0():
     model = Net(ACBlock(C, C, 3, stride=1, padding=0))
     fuse_checked(model, SHAPE, convs=1, norms=0, keep=["head"])

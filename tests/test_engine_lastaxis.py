@@ -79,3 +79,34 @@ def test_batchnorm1d_on_channel_axis_is_not_a_last_axis_op() -> None:
             return self.fc(self.bn(x))
 
     fuse_checked(Mixed(), (2, C, N), convs=0, norms=1, linears=1)
+
+
+def test_crop_then_conv_merges_with_an_unpadded_square_branch() -> None:
+    # ACNet's crop path written with plain slicing: x[:, :, 1:-1, :] → 1×3 conv, summed with a 3×3 p0
+    class Crop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.square = nn.Sequential(nn.Conv2d(C, C, 3, bias=False), nn.BatchNorm2d(C))
+            self.hor = nn.Sequential(nn.Conv2d(C, C, (1, 3), bias=False), nn.BatchNorm2d(C))
+            self.ver = nn.Sequential(nn.Conv2d(C, C, (3, 1), bias=False), nn.BatchNorm2d(C))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.square(x) + self.hor(x[:, :, 1:-1, :]) + self.ver(x[..., 1:-1]))
+
+    res = fuse_checked(Crop(), (2, C, 9, 11), convs=1, norms=0)
+    assert res.sites[0].kernel == (3, 3)
+
+
+def test_a_crop_alone_stays_outside_the_fused_layer() -> None:
+    class CropOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(C)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(x[:, :, 1:-1, 2:-2]) * 2
+
+    # BN and the scale fold into one depthwise 1×1; the crop cannot be part of it (padding < 0)
+    res = fuse_checked(CropOnly(), (2, C, 9, 11), convs=1, norms=0)
+    assert res.sites[0].kernel == (1, 1)
+    assert any("crops" in s.reason for s in res.skipped)
