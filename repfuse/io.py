@@ -19,7 +19,7 @@ import pickle
 import pickletools
 import secrets
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,12 +34,19 @@ __all__ = [
     "CONTAINER_KEYS",
     "LoadedCheckpoint",
     "allowed_globals_for",
+    "atomic_write",
     "check_allow_prefixes",
+    "check_destination",
+    "ensure_cwd_importable",
+    "file_kind",
+    "find_model",
     "is_allowed_name",
     "load_checkpoint",
+    "load_object",
     "needed_globals",
     "resolve_global",
     "save_checkpoint",
+    "save_object",
     "sha256_file",
 ]
 
@@ -85,6 +92,11 @@ class LoadedCheckpoint:
     dtype: torch.dtype  # dtype of the model's first floating parameter (or buffer)
     allow: tuple[str, ...] = ()  # the allow prefixes the file was loaded with
     trust: bool = False  # whether it was loaded with full (unsafe) unpickling
+    kind: str = "model"  # "model": the file holds the module; "state_dict": weights put into a factory model
+    file_format: str = "torch"  # "torch" (torch.save, zip or legacy) or "safetensors"
+    prefix: str = ""  # key prefix stripped from a state_dict ("module." of DistributedDataParallel)
+    factory: str | None = None  # the --model MODULE:CALLABLE that built the architecture
+    factory_args: tuple[tuple[str, Any], ...] = ()  # its keyword arguments
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +202,7 @@ def resolve_global(name: str) -> Any:
     ) from error
 
 
-def _ensure_cwd_importable() -> None:
+def ensure_cwd_importable() -> None:
     """Make the current directory importable, as `python -m` does (so --allow models finds ./models)."""
     cwd = os.getcwd()
     if cwd not in (os.path.abspath(p or os.curdir) for p in sys.path):
@@ -246,7 +258,7 @@ def allowed_globals_for(path: Path | str, allow: Sequence[str] = ()) -> list[tup
     if refused:
         raise _refusal(path, refused)
     if any(not _is_builtin_class_name(n) for n in needed):
-        _ensure_cwd_importable()
+        ensure_cwd_importable()
     pairs: list[tuple[Any, str]] = []
     not_classes: list[str] = []
     for name in needed:
@@ -382,8 +394,19 @@ def _corrupt(path: Path, exc: BaseException) -> RepfuseError:
     )
 
 
-def _sniff(path: Path) -> str:
-    """'zip' (torch >= 1.6 format) or 'pickle' (legacy); RepfuseError for anything else."""
+_MODEL_HINT = ("pass --model MODULE:CALLABLE that builds the architecture (with --model-arg key=value for its "
+               "arguments), e.g. --model timm:create_model --model-arg model_name=repvgg_a0")
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    return len(head) >= 10 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def file_kind(path: Path | str) -> str:
+    """'zip' (torch >= 1.6 format), 'pickle' (legacy torch.save) or 'safetensors', from the first
+    bytes; RepfuseError for an empty or unrecognised file. Reads 16 bytes, runs nothing."""
+    path = Path(path)
+    _check_readable(path)
     with open(path, "rb") as f:
         head = f.read(16)
     size = path.stat().st_size
@@ -393,16 +416,22 @@ def _sniff(path: Path) -> str:
         return "zip"
     if head[:1] == b"\x80":
         return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
-        raise RepfuseError(
-            f"{path.name} is a safetensors file: it holds weights but no model architecture",
-            "state_dict / safetensors inputs need an architecture factory, which comes in a later "
-            "version; for now pass a checkpoint made with torch.save(model, path)",
-        )
+    if _looks_like_safetensors(head, size):
+        return "safetensors"
     raise RepfuseError(
         f"{path.name} is not a PyTorch checkpoint (unrecognised file format)",
-        "pass a file written by torch.save (.pt / .pth)",
+        "pass a file written by torch.save (.pt / .pth / .bin / .ckpt) or a .safetensors file",
     )
+
+
+def _sniff(path: Path) -> str:
+    """'zip' or 'pickle'; RepfuseError for anything else (a safetensors file needs --model)."""
+    kind = file_kind(path)
+    if kind == "safetensors":
+        raise RepfuseError(
+            f"{path.name} is a safetensors file: it holds weights but no model architecture", _MODEL_HINT,
+        )
+    return kind
 
 
 def _unpickling_detail(exc: BaseException) -> str:
@@ -453,7 +482,7 @@ def _first_float_dtype(model: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def _find_model(obj: Any) -> tuple[nn.Module | None, str | None]:
+def find_model(obj: Any) -> tuple[nn.Module | None, str | None]:
     if isinstance(obj, nn.Module):
         return obj, None
     if isinstance(obj, Mapping):
@@ -478,9 +507,7 @@ def _looks_like_state_dict(obj: Any) -> bool:
 def _no_module_error(path: Path, obj: Any) -> RepfuseError:
     if _looks_like_state_dict(obj):
         return RepfuseError(
-            f"{path.name} holds a state_dict (tensors only), not a model",
-            "state_dict inputs need an architecture factory, which comes in a later version; "
-            "for now save the whole model with torch.save(model, path)",
+            f"{path.name} holds a state_dict (tensors only), not a model", _MODEL_HINT,
         )
     if isinstance(obj, Mapping):
         keys = [repr(k) for k in list(obj.keys())]
@@ -495,20 +522,20 @@ def _no_module_error(path: Path, obj: Any) -> RepfuseError:
     )
 
 
-def load_checkpoint(path: Path | str, *, allow: Sequence[str] = (), trust: bool = False) -> LoadedCheckpoint:
-    """Load a whole-model checkpoint (or a dict holding one) on the CPU, without running code.
+def load_object(path: Path | str, *, allow: Sequence[str] = (), trust: bool = False) -> tuple[Any, str]:
+    """`torch.load` a torch.save file on the CPU without running code; return (object, sha256).
 
     Uses ``torch.load(weights_only=True)`` with torch.nn classes, repfuse's classes and the
     `allow` module prefixes allow-listed; `trust=True` switches to full unpickling, which can run
     arbitrary code from the file. Raises RepfuseError (one-line message and hint) for any bad
-    input: missing, unreadable, truncated or foreign files, refused globals, no model inside.
+    input: missing, unreadable, truncated or foreign files, refused globals.
     """
     path = Path(path)
     _check_readable(path)
     allow = check_allow_prefixes(allow)
     if trust:
         _sniff(path)
-        _ensure_cwd_importable()
+        ensure_cwd_importable()
         pairs: list[tuple[Any, str]] = []
     else:
         pairs = allowed_globals_for(path, allow)
@@ -516,8 +543,19 @@ def load_checkpoint(path: Path | str, *, allow: Sequence[str] = (), trust: bool 
         digest = sha256_file(path)
     except OSError as exc:
         raise RepfuseError(f"{path}: cannot read ({exc.strerror})", "check the file") from exc
-    obj = _torch_load(path, trust, pairs)
-    model, key = _find_model(obj)
+    return _torch_load(path, trust, pairs), digest
+
+
+def load_checkpoint(path: Path | str, *, allow: Sequence[str] = (), trust: bool = False) -> LoadedCheckpoint:
+    """Load a whole-model checkpoint (or a dict holding one) on the CPU, without running code.
+
+    See `load_object` for the safety rules. RepfuseError also when the file holds no model (a
+    state_dict needs an architecture: `repfuse.weights.load_into_factory`).
+    """
+    path = Path(path)
+    allow = check_allow_prefixes(allow)
+    obj, digest = load_object(path, allow=allow, trust=trust)
+    model, key = find_model(obj)
     if model is None:
         raise _no_module_error(path, obj)
     return LoadedCheckpoint(
@@ -573,35 +611,44 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def save_checkpoint(loaded: LoadedCheckpoint, model: nn.Module, dst: Path | str) -> str:
-    """Write `loaded`'s container with only the model replaced by `model` (or `model` alone when
-    the file was the model) to `dst`, atomically; return the sha256 of the written file.
-
-    Refuses (RepfuseError) to overwrite the input file. Unless the input was loaded with trust,
-    also refuses to write a file that would not load again under the same allow-list. On any
-    error, including KeyboardInterrupt, no temporary file is left behind and `dst` is untouched.
-    """
+def check_destination(dst: Path | str, *inputs: Path | str) -> Path:
+    """Refuse (RepfuseError) an output path that is one of the input files, a directory, or in a
+    directory that does not exist. Cheap: call it before any work."""
     dst = Path(dst)
-    if _same_file(loaded.path, dst):
-        raise RepfuseError(
-            f"output {dst} is the input file; refusing to overwrite it",
-            "write the converted checkpoint to a different path",
-        )
+    for src in inputs:
+        if _same_file(Path(src), dst):
+            raise RepfuseError(
+                f"output {dst} is the input file; refusing to overwrite it",
+                "write the converted checkpoint to a different path",
+            )
     if dst.is_dir():
         raise RepfuseError(f"output {dst} is a directory", "pass a file path for the output, e.g. out.pt")
     directory = dst.parent if str(dst.parent) else Path(os.curdir)
     if not directory.is_dir():
         raise RepfuseError(f"output directory {directory} does not exist", "create it first")
-    obj = _replace_model(loaded.container, loaded.key, model)
+    return dst
+
+
+def atomic_write(dst: Path | str, write: Callable[[Path], None],
+                 check: Callable[[Path], None] | None = None) -> str:
+    """Write `dst` atomically; return the sha256 of the written bytes.
+
+    `write(tmp)` writes a fresh temporary file next to `dst`; `check(tmp)` (when given) loads it
+    back and raises if it is wrong; only then is the temporary file renamed over `dst`. On any
+    error, including KeyboardInterrupt, the temporary file is removed and an existing `dst` is left
+    as it was. OSError becomes RepfuseError.
+    """
+    dst = Path(dst)
+    directory = dst.parent if str(dst.parent) else Path(os.curdir)
     tmp: Path | None = None
     try:
         fd, tmp = _open_temp(directory, dst.name)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        if not loaded.trust:
-            _check_reloadable(tmp, dst, loaded.allow)
+        if check is not None:
+            check(tmp)
         digest = sha256_file(tmp)
         os.replace(tmp, dst)
         tmp = None
@@ -610,17 +657,67 @@ def save_checkpoint(loaded: LoadedCheckpoint, model: nn.Module, dst: Path | str)
             f"could not write {dst}: {exc.strerror or exc}",
             "check the directory is writable and the disk has space",
         ) from exc
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        raise RepfuseError(
-            f"the converted model cannot be saved: {type(exc).__name__}: {exc}",
-            "the model holds an object that cannot be pickled (a lambda, a local class, a hook)",
-        ) from exc
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
     _fsync_dir(directory)
     return digest
+
+
+def _torch_save_to(obj: Any) -> Callable[[Path], None]:
+    def write(tmp: Path) -> None:
+        # through a file object: torch.save(obj, path) would record the (temporary) file name in the
+        # zip archive, so the same model would give different bytes at every run
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    return write
+
+
+def save_object(obj: Any, dst: Path | str, *, inputs: Sequence[Path | str] = (), allow: Sequence[str] = (),
+                trust: bool = False, check: Callable[[Path], None] | None = None) -> str:
+    """`torch.save(obj)` to `dst` atomically (see `atomic_write`); return the sha256 of the file.
+
+    Refuses to overwrite any of `inputs`. Unless `trust`, also refuses to write a file that would
+    not load again with ``weights_only=True`` under the `allow` prefixes. `check(tmp)` runs on the
+    written temporary file before it replaces `dst`.
+    """
+    dst = check_destination(dst, *inputs)
+    allow = check_allow_prefixes(allow)
+
+    def full_check(tmp: Path) -> None:
+        if not trust:
+            _check_reloadable(tmp, dst, allow)
+        if check is not None:
+            check(tmp)
+
+    try:
+        return atomic_write(dst, _torch_save_to(obj), full_check)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise RepfuseError(
+            f"the converted model cannot be saved: {type(exc).__name__}: {exc}",
+            "the model holds an object that cannot be pickled (a lambda, a local class, a hook)",
+        ) from exc
+
+
+def replace_in_container(container: Any, key: str | None, value: Any) -> Any:
+    """A shallow copy of `container` with `container[key]` replaced by `value` (`value` itself when
+    `key` is None). The input container is not mutated."""
+    return _replace_model(container, key, value)
+
+
+def save_checkpoint(loaded: LoadedCheckpoint, model: nn.Module, dst: Path | str,
+                    check: Callable[[Path], None] | None = None) -> str:
+    """Write `loaded`'s container with only the model replaced by `model` (or `model` alone when
+    the file was the model) to `dst`, atomically; return the sha256 of the written file.
+
+    Refuses (RepfuseError) to overwrite the input file. Unless the input was loaded with trust,
+    also refuses to write a file that would not load again under the same allow-list. `check(tmp)`
+    runs on the written temporary file before it replaces `dst`. On any error, including
+    KeyboardInterrupt, no temporary file is left behind and `dst` is untouched.
+    """
+    obj = _replace_model(loaded.container, loaded.key, model)
+    return save_object(obj, dst, inputs=(loaded.path,), allow=loaded.allow, trust=loaded.trust, check=check)
 
 
 def _check_reloadable(tmp: Path, dst: Path, allow: Sequence[str]) -> None:

@@ -118,3 +118,8 @@ class Options:
     seed: int = 0
     trials: int = 3
     force: bool = False  # write even when verification fails
+    model: str | None = None  # "MODULE:CALLABLE" building the architecture of a state_dict / safetensors input
+    model_args: tuple[tuple[str, Any], ...] = ()  # keyword arguments of `model` (parsed --model-arg key=value)
+    deploy_model: str | None = None  # "MODULE:CALLABLE" building the user's own deploy-mode model
+    deploy_model_args: tuple[tuple[str, Any], ...] = ()  # keyword arguments of `deploy_model`
+    keymap: str | None = None  # convert: write the deploy-model key mapping (JSON) to this path

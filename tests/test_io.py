@@ -352,7 +352,7 @@ def test_state_dict_only_is_refused_with_hint(tmp_path: Path) -> None:
         with pytest.raises(RepfuseError) as err:
             load_checkpoint(path)
         assert "state_dict" in err.value.message
-        assert "architecture" in err.value.hint and "later version" in err.value.hint
+        assert "architecture" in err.value.hint and "--model" in err.value.hint
 
 
 def test_no_module_in_dict_and_non_module(tmp_path: Path) -> None:
