@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__, rewrite, verify
+from . import __version__, export, factory, keymap, rewrite, verify, weights
 from . import io as rio
+from . import report as rpt
 from .types import (
     FusionSite,
     ModuleInfo,
@@ -107,8 +109,17 @@ def _summary(original: nn.Module, fused: nn.Module, sites: list[FusionSite],
 
 
 def _input_info(loaded: rio.LoadedCheckpoint) -> dict[str, Any]:
-    return {"path": str(loaded.path), "sha256": loaded.sha256, "dtype": str(loaded.dtype).removeprefix("torch."),
-            "container_key": loaded.key, "model_class": type(loaded.model).__qualname__}
+    info: dict[str, Any] = {
+        "path": str(loaded.path), "sha256": loaded.sha256, "dtype": str(loaded.dtype).removeprefix("torch."),
+        "container_key": loaded.key, "model_class": type(loaded.model).__qualname__,
+        "kind": loaded.kind, "format": loaded.file_format,
+    }
+    if loaded.factory is not None:
+        info["factory"] = loaded.factory
+        info["factory_args"] = dict(loaded.factory_args)
+    if loaded.prefix:
+        info["prefix_stripped"] = loaded.prefix
+    return info
 
 
 def _tool() -> dict[str, str]:
@@ -120,8 +131,15 @@ def _site_errors(result: FuseResult) -> list[tuple[str, float]]:
 
 
 def _load(src: Path, options: Options, clock: _Clock) -> rio.LoadedCheckpoint:
+    """The train-time model: a whole pickled model, or a state_dict put into the --model factory.
+    Weights with NaN or Inf are refused here."""
     with clock.stage("load", f"loading {src}"):
-        return rio.load_checkpoint(src, allow=options.allow, trust=options.trust)
+        if options.model:
+            return weights.load_into_factory(src, options.model, options.model_args, allow=options.allow,
+                                             trust=options.trust)
+        loaded = rio.load_checkpoint(src, allow=options.allow, trust=options.trust)
+        weights.check_finite(weights.model_tensors(loaded.model), src.name)
+        return loaded
 
 
 def _warnings(result: FuseResult) -> tuple[str, ...]:
@@ -129,62 +147,205 @@ def _warnings(result: FuseResult) -> tuple[str, ...]:
                  for path, note in result.notes.items())
 
 
-def convert_file(src: Path, dst: Path, options: Options, progress: Progress | None = None) -> Report:
-    """Load `src`, fuse, verify, write `dst` atomically. Raises RepfuseError (bad input) or
-    VerificationFailed (nothing written unless options.force)."""
-    src, dst = Path(src), Path(dst)
-    clock = _Clock(progress)
-    loaded = _load(src, options, clock)
+@dataclass
+class Deployed:
+    """What gets written: the deploy model (repfuse's, or the user's --deploy-model with the fused
+    weights mapped onto it), its float64 twin for the exactness check, and the key map if any."""
+
+    model: nn.Module
+    model64: nn.Module
+    keymap: keymap.KeyMap | None = None
+    spec: str | None = None  # the --deploy-model MODULE:CALLABLE
+
+
+def check_outputs(src: Path, dst: Path, options: Options) -> str:
+    """Everything about the outputs that can be refused before any work: OUT's format (and its
+    optional packages), OUT equal to IN, a missing directory, the --keymap path. Returns the format."""
+    fmt = export.output_format(dst)
+    export.check_available(fmt)
+    rio.check_destination(dst, src)
+    if options.keymap is not None:
+        path = Path(options.keymap)
+        if not options.deploy_model:
+            raise RepfuseError("--keymap needs --deploy-model", "the key map pairs repfuse's fused layers with "
+                               "the layers of your deploy model: pass --deploy-model MODULE:CALLABLE")
+        if path.suffix.lower() != ".json":
+            raise RepfuseError(f"--keymap {path} must be a .json file", "for example --keymap keymap.json")
+        if path.resolve() == dst.resolve():
+            raise RepfuseError(f"--keymap {path} is OUT", "choose another --keymap path")
+        rio.check_destination(path, src)
+    return fmt
+
+
+def map_to_deploy_model(result: FuseResult, dtype: torch.dtype, options: Options) -> Deployed:
+    """Build the user's --deploy-model, map the fused weights onto it by structure (keymap), and
+    load them strictly. RepfuseError naming the layer where the mapping fails."""
+    if not options.deploy_model:
+        return Deployed(result.model, result.fused64)
+    user = factory.build_model(options.deploy_model, options.deploy_model_args, "--deploy-model")
+    user = user.to(dtype).eval()
+    inputs = verify.make_inputs(result.input_shapes, dtype, options.seed)
+    km = keymap.map_to_deploy(user, result.model, inputs)
+    user.load_state_dict(km.state_dict, strict=True)
+    # the float64 twin: the same mapping applied to the fused model's float64 weights
+    user64 = copy.deepcopy(user).double()
+    f64 = result.fused64.state_dict()
+    if all(v in f64 for v in km.mapping.values()):
+        state64 = {k: (f64[km.mapping[k]] if k in km.mapping else torch.zeros_like(t))
+                   for k, t in user64.state_dict().items()}
+        user64.load_state_dict(state64, strict=True)
+    return Deployed(user, user64, km, options.deploy_model)
+
+
+def _fuse_and_verify(loaded: rio.LoadedCheckpoint, options: Options, command: str, clock: _Clock,
+                     progress: Progress | None) -> tuple[Report, FuseResult, Deployed]:
+    """fuse → verify (→ map onto --deploy-model → verify that). The report has output=None."""
     result = fuse(loaded.model, options, progress, clock)
     with clock.stage("verify", "verifying on random inputs"):
         ver = verify.compare(loaded.model, result.model, result.input_shapes, atol=options.atol,
                              rtol=options.rtol, trials=options.trials, seed=options.seed,
                              worst_sites=_site_errors(result), fused64=result.fused64)
     summary = _summary(loaded.model, result.model, result.sites, result.input_shapes, options.seed)
-    report = Report(tool=_tool(), command="convert", input=_input_info(loaded), output=None,
+    report = Report(tool=_tool(), command=command, input=_input_info(loaded), output=None,
                     fusions=tuple(result.sites), skipped=tuple(result.skipped), summary=summary,
                     verification=ver, timings=clock.timings, warnings=_warnings(result))
-    if not ver.passed and not options.force:
+    deployed = Deployed(result.model, result.fused64)
+    if options.deploy_model and (ver.passed or options.force):
+        with clock.stage("map", f"mapping the fused weights onto {options.deploy_model}"):
+            deployed = map_to_deploy_model(result, loaded.dtype, options)
+        with clock.stage("verify", f"verifying {options.deploy_model} with the mapped weights"):
+            mapped = verify.compare(loaded.model, deployed.model, result.input_shapes, atol=options.atol,
+                                    rtol=options.rtol, trials=options.trials, seed=options.seed,
+                                    worst_sites=_site_errors(result), fused64=deployed.model64)
+        report = replace(report, verification=mapped if ver.passed else ver)
+    return report, result, deployed
+
+
+def convert_file(src: Path, dst: Path, options: Options, progress: Progress | None = None) -> Report:
+    """Load `src`, fuse, verify, write `dst` atomically in the format its suffix names (.pt,
+    .safetensors, .pt2, .onnx), loading the written file back to check it. With
+    options.deploy_model the fused weights are mapped onto the user's deploy model first, verified
+    again, and written under its key names (options.keymap: the mapping as JSON).
+
+    Raises RepfuseError (bad input: before any work where it can) or VerificationFailed (nothing
+    written unless options.force)."""
+    src, dst = Path(src), Path(dst)
+    fmt = check_outputs(src, dst, options)
+    clock = _Clock(progress)
+    loaded = _load(src, options, clock)
+    report, result, deployed = _fuse_and_verify(loaded, options, "convert", clock, progress)
+    if not report.verification or (not report.verification.passed and not options.force):
         raise VerificationFailed(report)
+    weights.check_finite(weights.model_tensors(deployed.model), "the converted model",
+                         f"a fused weight overflows {str(loaded.dtype).removeprefix('torch.')}; nothing was written "
+                         "(convert a float32 copy of the checkpoint instead)")
+    inputs = verify.make_inputs(result.input_shapes, loaded.dtype, options.seed)
     with clock.stage("save", f"writing {dst}"):
-        digest = rio.save_checkpoint(loaded, result.model, dst)
-        _check_saved(dst, loaded, result.model, result.input_shapes, options.seed)
-    output = {"path": str(dst), "sha256": digest, "format": "pt", "verified": ver.passed}
-    return Report(tool=report.tool, command="convert", input=report.input, output=output,
-                  fusions=report.fusions, skipped=report.skipped, summary=summary, verification=ver,
-                  timings=clock.timings, warnings=report.warnings)
+        output = _write(fmt, dst, loaded, deployed, report, inputs)
+        if options.keymap is not None and deployed.keymap is not None:
+            text = deployed.keymap.to_json().encode("utf-8")
+            output["keymap"] = {"path": str(options.keymap),
+                                "sha256": rio.atomic_write(Path(options.keymap), lambda tmp: tmp.write_bytes(text))}
+    output = {"path": str(dst), **output, "format": fmt, "verified": report.verification.passed}
+    return replace(report, output=output, timings=clock.timings)
 
 
-def _check_saved(dst: Path, loaded: rio.LoadedCheckpoint, model: nn.Module,
-                 shapes: tuple[tuple[int, ...], ...], seed: int) -> None:
-    """Load the written file back (same allow-list, no trust) and check it computes what we wrote."""
-    again = rio.load_checkpoint(dst, allow=loaded.allow, trust=loaded.trust)
-    x = verify.make_inputs(shapes, loaded.dtype, seed)
-    a, b = verify.run(model, x), verify.run(again.model.eval(), x)
-    if len(a) != len(b) or any(not torch.equal(p, q) for p, q in zip(a, b)):
-        dst.unlink(missing_ok=True)
-        raise RepfuseError(f"{dst} does not reproduce the converted model after loading it back",
-                           "this is a bug in repfuse; please report it with REPFUSE_DEBUG=1 output")
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed, report: Report,
+           inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """Write OUT in `fmt`; every writer checks the written file before it replaces `dst`."""
+    extra: dict[str, Any] = {}
+    if deployed.spec:
+        extra["deploy_model"] = deployed.spec
+    if fmt == "safetensors":
+        state = _state_dict(deployed.model)
+        return {**export.write_safetensors(state, dst, _metadata(loaded, deployed, report, inputs),
+                                           inputs=(loaded.path,)), **extra}
+    if fmt == "pt2":
+        return {**export.write_pt2(deployed.model, inputs, dst, (loaded.path,)), **extra}
+    if fmt == "onnx":
+        return {**export.write_onnx(deployed.model, inputs, dst, (loaded.path,)), **extra}
+    if loaded.kind == "model" and deployed.keymap is None:  # the input's container, the model replaced
+        reference = verify.run(deployed.model, inputs)
+
+        def check_model(tmp: Path) -> None:
+            again = rio.load_checkpoint(tmp, allow=loaded.allow, trust=loaded.trust)
+            _same(reference, verify.run(again.model.eval(), inputs), dst)
+
+        digest = rio.save_checkpoint(loaded, deployed.model, dst, check=check_model)
+        return {"sha256": digest, "content": "model", **extra,
+                "check": "reloaded with torch.load(weights_only=True); outputs identical"}
+    # a state_dict in, or the user's deploy model: the input's container, the state_dict replaced
+    state = _state_dict(deployed.model)
+    reference = verify.run(deployed.model, inputs)
+
+    def check_state(tmp: Path) -> None:
+        obj, _ = rio.load_object(tmp, allow=loaded.allow, trust=loaded.trust)
+        again = obj if loaded.key is None else obj[loaded.key]
+        if set(again) != set(state) or any(again[k].dtype != v.dtype or not torch.equal(again[k], v)
+                                           for k, v in state.items()):
+            raise RepfuseError(f"{dst.name} does not hold the deploy state_dict after writing it", _BUG_HINT)
+        model = copy.deepcopy(deployed.model)
+        model.load_state_dict(again, strict=True)
+        _same(reference, verify.run(model.eval(), inputs), dst)
+
+    obj = rio.replace_in_container(loaded.container, loaded.key, state)
+    digest = rio.save_object(obj, dst, inputs=(loaded.path,), allow=loaded.allow, trust=loaded.trust,
+                             check=check_state)
+    return {"sha256": digest, "content": "state_dict", "container_key": loaded.key, **extra,
+            "check": "reloaded with torch.load(weights_only=True); every tensor identical; outputs identical"}
+
+
+_BUG_HINT = "this is a bug in repfuse; please report it with REPFUSE_DEBUG=1 output"
+
+
+def _same(reference: list[torch.Tensor], got: list[torch.Tensor], dst: Path) -> None:
+    if len(reference) != len(got) or any(not torch.equal(p, q) for p, q in zip(reference, got)):
+        raise RepfuseError(f"{dst.name} does not reproduce the converted model after loading it back; "
+                           "nothing was written", _BUG_HINT)
+
+
+def _metadata(loaded: rio.LoadedCheckpoint, deployed: Deployed, report: Report,
+              inputs: tuple[torch.Tensor, ...]) -> dict[str, str]:
+    """safetensors metadata (strings only). Everything in it is reproducible: the embedded report
+    leaves out the timings and the output (whose checksum cannot be inside the file)."""
+    embedded = replace(report, output={"format": "safetensors"}, timings={})
+    meta = {
+        "format": "pt",
+        "repfuse_version": __version__,
+        "report": rpt.to_json(embedded, indent=None),
+        "input_shape": json.dumps([list(x.shape) for x in inputs]),
+        "input_sha256": loaded.sha256,
+        "keys": (f"deploy model {deployed.spec}" if deployed.spec else
+                 "repfuse deploy model (GraphBlock structure is not stored: rebuild it with repfuse)"),
+    }
+    if loaded.factory:
+        meta["model"] = loaded.factory
+    if deployed.keymap is not None:
+        meta["deploy_model"] = deployed.spec or ""
+        meta["keymap"] = json.dumps(deployed.keymap.mapping)
+    return meta
 
 
 def verify_file(src: Path, options: Options, against: Path | None = None,
                 progress: Progress | None = None) -> Report:
     """Fuse in memory and verify (or compare `src` with `against`); writes nothing.
-    Returns the report; report.verification.passed tells the outcome."""
+    Returns the report; report.verification.passed tells the outcome.
+
+    With options.deploy_model, the fused weights are also mapped onto the user's deploy model and
+    that is verified. `against` may be a whole-model checkpoint, or a state_dict / .safetensors
+    file: loaded into options.deploy_model when given, else into repfuse's deploy model rebuilt
+    from `src`."""
     src = Path(src)
     clock = _Clock(progress)
     loaded = _load(src, options, clock)
     if against is None:
-        result = fuse(loaded.model, options, progress, clock)
-        with clock.stage("verify", "verifying on random inputs"):
-            ver = verify.compare(loaded.model, result.model, result.input_shapes, atol=options.atol,
-                                 rtol=options.rtol, trials=options.trials, seed=options.seed,
-                                 worst_sites=_site_errors(result), fused64=result.fused64)
-        summary = _summary(loaded.model, result.model, result.sites, result.input_shapes, options.seed)
-        return Report(tool=_tool(), command="verify", input=_input_info(loaded), output=None,
-                      fusions=tuple(result.sites), skipped=tuple(result.skipped), summary=summary,
-                      verification=ver, timings=clock.timings, warnings=_warnings(result))
-    other = _load(Path(against), options, clock)
+        report, _, _ = _fuse_and_verify(loaded, options, "verify", clock, progress)
+        return replace(report, timings=clock.timings)
+    other = _load_against(Path(against), loaded, options, progress, clock)
     loaded.model.eval()
     other.model.eval()
     shapes = resolve_input_shapes(loaded.model, options)
@@ -195,6 +356,33 @@ def verify_file(src: Path, options: Options, against: Path | None = None,
     return Report(tool=_tool(), command="verify", input=_input_info(loaded),
                   output={"against": _input_info(other)}, fusions=(), skipped=(), summary=summary,
                   verification=ver, timings=clock.timings)
+
+
+def _load_against(path: Path, loaded: rio.LoadedCheckpoint, options: Options, progress: Progress | None,
+                  clock: _Clock) -> rio.LoadedCheckpoint:
+    """`verify --against`: a whole model, or weights put into the deploy structure they belong to."""
+    with clock.stage("load", f"loading {path}"):
+        obj, digest, fmt = weights.read_weights(path, allow=options.allow, trust=options.trust)
+        model, key = rio.find_model(obj)
+        if model is not None and not options.deploy_model:
+            weights.check_finite(weights.model_tensors(model), path.name)
+            return rio.LoadedCheckpoint(path=path, model=model, container=obj, key=key, sha256=digest,
+                                        dtype=verify.model_dtype(model), allow=loaded.allow, trust=loaded.trust,
+                                        file_format=fmt)
+        state, key = weights.find_state_dict(obj, path)
+        weights.check_finite(state.items(), path.name)
+    if options.deploy_model:
+        spec = options.deploy_model
+        target = factory.build_model(spec, options.deploy_model_args, "--deploy-model")
+    else:  # repfuse's own deploy structure, rebuilt by fusing IN again
+        spec = "repfuse (rebuilt from IN)"
+        target = fuse(loaded.model, options, progress, clock).model
+    state, prefix = weights.strip_prefix(state, target.state_dict().keys())
+    weights.fit_state_dict(target, state, path.name, spec)
+    return rio.LoadedCheckpoint(path=path, model=target.eval(), container=obj, key=key, sha256=digest,
+                                dtype=verify.model_dtype(target), allow=loaded.allow, trust=loaded.trust,
+                                kind="state_dict", file_format=fmt, prefix=prefix, factory=spec,
+                                factory_args=options.deploy_model_args if options.deploy_model else ())
 
 
 def _compare_against(model: nn.Module, other: nn.Module, shapes: tuple[tuple[int, ...], ...],

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from . import __version__, api
+from . import __version__, api, factory
 from . import report as rpt
 from .types import Options, RepfuseError, Report, VerificationFailed
 
@@ -82,6 +82,27 @@ JsonOpt = Annotated[
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No report and no progress; errors and warnings only.")
 ]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", metavar="MODULE:CALLABLE",
+                 help="Build the architecture for a state_dict / .safetensors IN, e.g. timm:create_model "
+                 "(imports MODULE: your own code)."),
+]
+ModelArgOpt = Annotated[
+    list[str] | None,
+    typer.Option("--model-arg", metavar="KEY=VALUE",
+                 help="Keyword argument for --model (repeatable); values parse as int, float, bool, None or str."),
+]
+DeployModelOpt = Annotated[
+    str | None,
+    typer.Option("--deploy-model", metavar="MODULE:CALLABLE",
+                 help="Your own deploy-mode architecture: the fused weights are mapped onto it by structure, "
+                 "verified, and written under its key names."),
+]
+DeployModelArgOpt = Annotated[
+    list[str] | None,
+    typer.Option("--deploy-model-arg", metavar="KEY=VALUE", help="Keyword argument for --deploy-model (repeatable)."),
+]
 
 _SHAPE_HINT = "write each shape as 1,3,224,224 or 1x3x224x224, one --input-shape per model input"
 
@@ -102,10 +123,21 @@ def _tolerance(name: str, value: float | None) -> float | None:
     return value
 
 
+def _factory(flag: str, spec: str | None, args: list[str] | None) -> tuple[str | None, tuple[tuple[str, object], ...]]:
+    if spec is None:
+        if args:
+            raise RepfuseError(f"{flag}-arg given without {flag}",
+                               f"pass {flag} MODULE:CALLABLE that takes the arguments")
+        return None, ()
+    module, attr = factory.parse_spec(spec, flag)
+    return f"{module}:{attr}", factory.parse_model_args(args, f"{flag}-arg")
+
+
 def build_options(
     input_shape: list[str] | None = None, allow: list[str] | None = None, trust: bool = False,
     atol: float | None = None, rtol: float | None = None, seed: int = 0, trials: int = 3,
-    force: bool = False,
+    force: bool = False, *, model: str | None = None, model_arg: list[str] | None = None,
+    deploy_model: str | None = None, deploy_model_arg: list[str] | None = None, keymap: Path | None = None,
 ) -> Options:
     """Map CLI flag values onto `types.Options` (validating what the parser cannot)."""
     if trials < 1:
@@ -116,6 +148,8 @@ def build_options(
         if not prefix.strip() or any(c.isspace() for c in prefix):
             raise RepfuseError(f"malformed --allow {prefix!r}",
                                "give a dotted module prefix, e.g. --allow models or --allow mypkg.nets")
+    model_spec, model_args = _factory("--model", model, model_arg)
+    deploy_spec, deploy_args = _factory("--deploy-model", deploy_model, deploy_model_arg)
     return Options(
         input_shapes=tuple(parse_shape(s) for s in input_shape) if input_shape else None,
         allow=tuple(p.strip() for p in allow or ()),
@@ -125,6 +159,11 @@ def build_options(
         seed=seed,
         trials=trials,
         force=force,
+        model=model_spec,
+        model_args=model_args,
+        deploy_model=deploy_spec,
+        deploy_model_args=deploy_args,
+        keymap=str(keymap) if keymap is not None else None,
     )
 
 
@@ -257,22 +296,37 @@ def convert(
     seed: SeedOpt = 0,
     trials: TrialsOpt = 3,
     force: Annotated[bool, typer.Option("--force", help="Write OUT even if verification fails.")] = False,
+    model: ModelOpt = None,
+    model_arg: ModelArgOpt = None,
+    deploy_model: DeployModelOpt = None,
+    deploy_model_arg: DeployModelArgOpt = None,
+    keymap: Annotated[
+        Path | None,
+        typer.Option("--keymap", metavar="FILE.json", dir_okay=False,
+                     help="With --deploy-model: also write the key mapping (deploy key → fused key) as JSON."),
+    ] = None,
     report_path: ReportOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fuse IN, verify the result numerically, and write the deploy checkpoint OUT."""
+    """Fuse IN, verify the result numerically, and write the deploy artifact OUT.
+
+    OUT's extension picks the format: .pt/.pth/.bin/.ckpt (torch.save), .safetensors (weights and
+    metadata), .pt2 (torch.export program), .onnx (needs repfuse[onnx])."""
     out, err = _consoles()
 
     def body() -> int:
-        options = build_options(input_shape, allow, trust, atol, rtol, seed, trials, force)
+        options = build_options(input_shape, allow, trust, atol, rtol, seed, trials, force, model=model,
+                                model_arg=model_arg, deploy_model=deploy_model, deploy_model_arg=deploy_model_arg,
+                                keymap=keymap)
         _existing_file(src, "input file")
         if _same_path(src, dst):
             raise RepfuseError(f"OUT is the same file as IN: {dst}",
                                "choose a different OUT path; repfuse never overwrites its input")
         if dst.is_dir():
             raise RepfuseError(f"OUT is a directory: {dst}", "give OUT as a file path, e.g. model_deploy.pt")
-        _check_report_path(report_path, src, dst)
+        api.check_outputs(src, dst, options)
+        _check_report_path(report_path, src, dst, *([keymap] if keymap is not None else []))
 
         failed = False
         with _progress(err, quiet) as progress:
@@ -312,15 +366,23 @@ def verify(
     rtol: RtolOpt = None,
     seed: SeedOpt = 0,
     trials: TrialsOpt = 3,
+    model: ModelOpt = None,
+    model_arg: ModelArgOpt = None,
+    deploy_model: DeployModelOpt = None,
+    deploy_model_arg: DeployModelArgOpt = None,
     report_path: ReportOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Check that fusing IN (or the model OTHER) gives the same outputs as IN. Writes no model."""
+    """Check that fusing IN (or the model OTHER) gives the same outputs as IN. Writes no model.
+
+    OTHER may be a whole model, or a state_dict / .safetensors file: it is loaded into --deploy-model
+    when given, else into repfuse's deploy model rebuilt from IN."""
     out, err = _consoles()
 
     def body() -> int:
-        options = build_options(input_shape, allow, trust, atol, rtol, seed, trials)
+        options = build_options(input_shape, allow, trust, atol, rtol, seed, trials, model=model,
+                                model_arg=model_arg, deploy_model=deploy_model, deploy_model_arg=deploy_model_arg)
         _existing_file(src, "input file")
         if against is not None:
             _existing_file(against, "--against file")
@@ -353,6 +415,8 @@ def inspect(
     input_shape: InputShapeOpt = None,
     allow: AllowOpt = None,
     trust: TrustOpt = False,
+    model: ModelOpt = None,
+    model_arg: ModelArgOpt = None,
     report_path: ReportOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -361,7 +425,7 @@ def inspect(
     out, err = _consoles()
 
     def body() -> int:
-        options = build_options(input_shape, allow, trust)
+        options = build_options(input_shape, allow, trust, model=model, model_arg=model_arg)
         _existing_file(src, "input file")
         _check_report_path(report_path, src)
         with _progress(err, quiet) as progress:
