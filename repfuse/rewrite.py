@@ -160,6 +160,11 @@ def _analyse_graph(path: str, module: nn.Module, gm: fx.GraphModule, values: dic
         shape = G._tensor_shape(values.get(node))
         if G.call_key(node) in ("reshape_as", "view_as") and isinstance(node.args[0], fx.Node):
             tensor_inputs = [node.args[0]]  # the other argument only lends its shape
+        if G.call_key(node) in ("sum", torch.sum) and tensor_inputs:
+            stacked = _stacked_sum(node, cands, result, path, values)
+            if stacked:
+                cands[node] = own | stacked
+                continue
         if len(tensor_inputs) == 2 and _is_sum(node):
             cands[node] = own | _sum_cands(node, tensor_inputs, cands, result, path, values)
             continue
@@ -233,6 +238,7 @@ def _is_sum(node: fx.Node) -> bool:
 
 def _sum_cands(node: fx.Node, operands: list[fx.Node], cands: dict[fx.Node, dict[fx.Node, G.Expr]],
                result: Analysis, path: str, values: dict[fx.Node, Any]) -> dict[fx.Node, G.Expr]:
+    """`a + b`, `a - b`, `torch.add(a, b, alpha=k)`."""
     u, v = node.args[0], node.args[1]
     if not (isinstance(u, fx.Node) and isinstance(v, fx.Node)):
         return {}
@@ -240,30 +246,51 @@ def _sum_cands(node: fx.Node, operands: list[fx.Node], cands: dict[fx.Node, dict
     if len(node.args) > 2 or not isinstance(alpha, (int, float)):
         return {}
     sign = -1.0 if G.call_key(node) in G._SUB else 1.0
-    cu, cv = cands.get(u, {}), cands.get(v, {})
+    return _sum_terms(node, [(u, 1.0), (v, sign * alpha)], frozenset(), cands, result, path, values)
+
+
+def _stacked_sum(node: fx.Node, cands: dict[fx.Node, dict[fx.Node, G.Expr]], result: Analysis, path: str,
+                 values: dict[fx.Node, Any]) -> dict[fx.Node, G.Expr]:
+    """`torch.stack([a, b, c]).sum(0)` (or `torch.sum(torch.stack(...), dim=0)`)."""
+    stack = node.args[0] if node.args else None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not (isinstance(stack, fx.Node) and G.call_key(stack) is torch.stack and dim in (0, (0,))
+            and len(stack.users) == 1 and not node.kwargs.get("keepdim", False)):
+        return {}
+    items = stack.args[0]
+    stack_dim = stack.args[1] if len(stack.args) > 1 else stack.kwargs.get("dim", 0)
+    if stack_dim != 0 or not isinstance(items, (list, tuple)) or not all(isinstance(n, fx.Node) for n in items):
+        return {}
+    return _sum_terms(node, [(n, 1.0) for n in items], frozenset({stack}), cands, result, path, values)
+
+
+def _sum_terms(node: fx.Node, terms: list[tuple[fx.Node, float]], extra: frozenset[fx.Node],
+               cands: dict[fx.Node, dict[fx.Node, G.Expr]], result: Analysis, path: str,
+               values: dict[fx.Node, Any]) -> dict[fx.Node, G.Expr]:
+    """Σ coeff · term as one op, for every base all terms share."""
+    per_term = [cands.get(t, {}) for t, _ in terms]
     out: dict[fx.Node, G.Expr] = {}
     first_reason = None
-    for base in cu.keys() & cv.keys():
-        eu, ev = cu[base], cv[base]
-        if eu.partial or ev.partial:
+    for base in set.intersection(*(set(c) for c in per_term)):
+        exprs = [c[base] for c in per_term]
+        if any(e.partial for e in exprs):
             continue
-        if _is_identity(eu.op):
-            eu = _in_layout(eu, ev.op.nd, values.get(base))
-        if _is_identity(ev.op) and eu is not None:
-            ev = _in_layout(ev, eu.op.nd, values.get(base))
-        if eu is None or ev is None:
+        layout = next((e.op.nd for e in exprs if not _is_identity(e.op)), exprs[0].op.nd)
+        exprs = [_in_layout(e, layout, values.get(base)) if _is_identity(e.op) else e for e in exprs]
+        if any(e is None for e in exprs):
             continue
-        op, reason = K.parallel_sum([eu.op, K.scale_op(ev.op, sign * alpha)])
+        op, reason = K.parallel_sum([K.scale_op(e.op, k) if k != 1 else e.op for e, (_, k) in zip(exprs, terms)])
         if op is None:
             first_reason = first_reason or reason
             continue
-        cost = eu.cost + ev.cost
+        cost = sum(e.cost for e in exprs)
         if G.op_cost(op) > cost * CANDIDATE_COST_LIMIT:
             first_reason = first_reason or _costlier(op, cost)
             continue
-        out[base] = G.Expr(op, eu.nodes | ev.nodes | {node}, eu.ops + ev.ops + 1, eu.terms + ev.terms,
-                           eu.norms + ev.norms, eu.scales + ev.scales + (sign * alpha != 1),
-                           eu.leaves + ev.leaves, cost)
+        out[base] = G.Expr(op, frozenset().union(*(e.nodes for e in exprs)) | extra | {node},
+                           sum(e.ops for e in exprs) + len(exprs) - 1, sum((e.terms for e in exprs), ()),
+                           sum(e.norms for e in exprs), sum(e.scales for e in exprs) + sum(k != 1 for _, k in terms),
+                           sum((e.leaves for e in exprs), ()), cost)
     if not out and first_reason:
         result.skip(_where(path, node), first_reason)
     return _cap(out)

@@ -434,8 +434,6 @@ def test_sum_forms(form):
     assert [s.kernel for s in res.sites] == [(3, 3), (3, 3)]
 
 
-@pytest.mark.xfail(strict=True, reason="NOT SUPPORTED: torch.stack([...]).sum(0) is not recognised as a sum of "
-                   "branches (the identity BN branch stays a BN)")
 def test_sum_form_stack():
     model = Net(SumForms("stack_sum"))
     fuse_checked(model, SHAPE, convs=1, norms=0, keep=["head"], dtype=torch.float64)
