@@ -227,11 +227,52 @@ def _tensor_shape(v: Any) -> tuple[int, ...] | None:
 # Tracing
 
 
+class _AssignableProxy(fx.Proxy):
+    """fx's Proxy refuses `t[idx] = v`; DBB writes pad rings that way. Record it as operator.setitem."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
 class LeafTracer(fx.Tracer):
     """Traces one module's own forward; every submodule call stays a call_module leaf."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AssignableProxy(node, self)
+
+
+def mutations(node: fx.Node) -> list[fx.Node]:
+    """Users that change `node`'s tensor in place (`t[i] = v`, `t.add_(u)`)."""
+    return [u for u in node.users if u.args and u.args[0] is node and (
+        u.target is operator.setitem or (u.op == "call_method" and u.target.endswith("_")
+                                         and not u.target.startswith("_")))]
+
+
+def border_fill(node: fx.Node, pads: tuple[int, ...], values: dict[fx.Node, Any]) -> torch.Tensor | None:
+    """If the in-place writes on `node` (a zero-padded tensor) fill exactly its padded border with
+    one per-channel constant, that constant as a [C] vector (DBB's BNAndPadLayer); else None."""
+    value = values.get(node)
+    writes = mutations(node)
+    if not isinstance(value, torch.Tensor) or not writes or any(w.target is not operator.setitem for w in writes):
+        return None
+    mask = torch.zeros(value.shape, dtype=torch.bool)
+    fill: torch.Tensor | None = None
+    for w in writes:
+        v = values.get(w.args[2]) if isinstance(w.args[2], fx.Node) else w.args[2]
+        c = channel_constant(v, tuple(value.shape))
+        if c is None or (fill is not None and not torch.equal(c, fill)):
+            return None
+        fill = c
+        try:
+            mask[w.args[1]] = True
+        except (IndexError, TypeError):
+            return None
+    ring = torch.ones(value.shape, dtype=torch.bool)
+    ring[(slice(None), slice(None), *(slice(p, size - p) for p, size in zip(pads, value.shape[2:])))] = False
+    return fill if torch.equal(mask, ring) else None
 
 
 def trace(module: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
@@ -255,6 +296,7 @@ class ValueRecorder(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=False)
         self.values: dict[fx.Node, Any] = {}
         self.records = records
+        self.mutating = {m for n in gm.graph.nodes for m in mutations(n)}
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         rec = self.records.get(id(self.fetch_attr(target)))
@@ -265,6 +307,9 @@ class ValueRecorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
         self.values[n] = _snapshot(value)
+        if n in self.mutating:  # `t[i] = v`: t's recorded value is the one after the write
+            target = n.args[0]
+            self.values[target] = _snapshot(self.env[target])
         return value
 
 

@@ -172,6 +172,9 @@ def _analyse_graph(path: str, module: nn.Module, gm: fx.GraphModule, values: dic
             cands[node] = own
             continue
         x = tensor_inputs[0]
+        if G.mutations(node):
+            cands[node] = _filled_pad(node, x, values, cands.get(x, {}), result, path)
+            continue
         if G.call_key(node) in G.LAYOUT_CALLS:
             cands[node] = own | _through_layout(node, x, values, cands.get(x, {}))
             continue
@@ -186,9 +189,40 @@ def _analyse_graph(path: str, module: nn.Module, gm: fx.GraphModule, values: dic
             continue
         cands[node] = own | _extend(node, x, info, cands.get(x, {}), result, path, values)
 
-    _choose_regions(plan, cands, values, result)
+    _choose_regions(plan, cands, values, result, constants)
     _summarise(plan, cands, constants, values)
     return plan
+
+
+def _filled_pad(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], base_cands: dict[fx.Node, G.Expr],
+                result: Analysis, path: str) -> dict[fx.Node, G.Expr]:
+    """`F.pad(y)` whose border is then overwritten in place with a per-channel constant c (DBB's
+    BNAndPadLayer) is ``pad0(y − c) + c``: exact after any op whose shift is c (a BN). Any other
+    in-place write makes the node opaque."""
+    shape = G._tensor_shape(values.get(x))
+    info = G.lower_function(node, list(node.args), dict(node.kwargs), shape) if shape else None
+    if info is None or info.kind != "pad" or info.op is None:
+        return {}
+    fill = G.border_fill(node, info.op.padding, values)
+    if fill is None:
+        return {}
+    nd = info.op.nd
+    writes = frozenset(G.mutations(node))
+    out: dict[fx.Node, G.Expr] = {}
+    for base, e in base_cands.items():
+        if e.partial or base is x:
+            continue
+        shifted, _ = K.compose(e.op, K.channel_affine(torch.ones_like(fill), -fill, nd))
+        tiny = shifted.bias.abs() <= 1e-12 * torch.maximum(fill.abs(), e.op.bias.abs()).clamp_min(1e-300)
+        shifted = replace(shifted, bias=torch.where(tiny, torch.zeros_like(shifted.bias), shifted.bias))
+        padded, reason = K.compose(shifted, info.op)
+        if padded is None:
+            result.skip(_where(path, node), f"the pad ring is filled with a value that is not the shift before it "
+                                            f"({reason})")
+            continue
+        op, _ = K.compose(padded, K.channel_affine(torch.ones_like(fill), fill, nd))
+        out[base] = replace(e, op=op, nodes=e.nodes | {node} | writes, ops=e.ops + 1 + len(writes))
+    return out
 
 
 def _through_layout(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any],
@@ -388,7 +422,7 @@ def _chain_terms(terms: tuple[str, ...], info: G.LeafInfo) -> tuple[str, ...]:
 
 
 def _choose_regions(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]],
-                    values: dict[fx.Node, Any], result: Analysis) -> None:
+                    values: dict[fx.Node, Any], result: Analysis, constants: set[fx.Node]) -> None:
     consumed: set[fx.Node] = set()
     for y in reversed(list(plan.gm.graph.nodes)):
         if y in consumed or y not in cands:
@@ -398,7 +432,7 @@ def _choose_regions(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]
         for i, (base, expr) in enumerate(options):
             if expr.ops < 2 or _single_child(expr):
                 continue
-            problem = _region_problem(expr.nodes, y, consumed, result)
+            problem = _region_problem(expr.nodes, y, consumed, result, constants)
             if problem is None and G.op_cost(expr.op) > expr.cost * COST_SLACK:
                 problem = _costlier(expr.op, expr.cost)
             if problem is None and any(p < 0 for p in expr.op.padding):
@@ -443,7 +477,7 @@ def _self_check(expr: G.Expr, x: Any, y: Any) -> tuple[float, str | None]:
 
 
 def _region_problem(nodes: frozenset[fx.Node], y: fx.Node, consumed: set[fx.Node],
-                    result: Analysis) -> str | None:
+                    result: Analysis, constants: set[fx.Node]) -> str | None:
     """Why these nodes cannot become one layer (an inner value used outside, a shared module)."""
     for n in nodes:
         if n in consumed:
@@ -458,6 +492,28 @@ def _region_problem(nodes: frozenset[fx.Node], y: fx.Node, consumed: set[fx.Node
             rec = result.records.get(id(child))
             if rec is not None and rec.calls > 1:
                 return f"module '{n.target}' is called more than once (shared weights)"
+            reader = _outside_reader(n.graph, n.target, nodes, constants)
+            if reader is not None:
+                return f"the weights of '{n.target}' are also read by '{reader}' outside the sub-graph"
+    return None
+
+
+def _outside_reader(graph: fx.Graph, target: str, nodes: frozenset[fx.Node], constants: set[fx.Node],
+                    ) -> str | None:
+    """A node outside `nodes` that reads a tensor of module `target` (directly or through constant
+    arithmetic), which would break once the module is removed with the region."""
+    todo = [n for n in graph.nodes if n.op == "get_attr" and n.target.startswith(f"{target}.")]
+    seen: set[fx.Node] = set()
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in nodes or u in seen:
+                continue
+            seen.add(u)
+            if u in constants:
+                todo.append(u)  # still constant arithmetic: follow it
+            else:
+                return u.name
     return None
 
 
@@ -480,16 +536,16 @@ def _summarise(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]], co
         plan.summary = cands[x].get(x)
         return
     expr = cands.get(y, {}).get(x)
-    if expr is not None and not expr.partial and expr.nodes == compute:
+    if expr is not None and not expr.partial and compute <= expr.nodes:
         error, problem = _self_check(expr, values.get(x), values.get(y))
         if problem is None:
             plan.summary, plan.summary_error = expr, error
             return
-    plan.prefix = _find_prefix(plan, cands, x, values)
+    plan.prefix = _find_prefix(plan, cands, x, values, constants)
 
 
 def _find_prefix(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]], x: fx.Node,
-                 values: dict[fx.Node, Any]) -> Prefix | None:
+                 values: dict[fx.Node, Any], constants: set[fx.Node]) -> Prefix | None:
     """The largest affine sub-graph that starts at the input `x` and through which `x` flows entirely."""
     best: Prefix | None = None
     for y, c in cands.items():
@@ -500,6 +556,9 @@ def _find_prefix(plan: ModulePlan, cands: dict[fx.Node, dict[fx.Node, G.Expr]], 
             continue
         inside = expr.nodes | {x}
         value = values.get(y)
+        if any(_outside_reader(plan.gm.graph, n.target, expr.nodes, constants)
+               for n in expr.nodes if n.op == "call_module"):
+            continue
         same_shape = isinstance(value, torch.Tensor) and value.shape == getattr(values.get(x), "shape", None)
         # checks on the input (`_assert(x.ndim == 4)`) still hold when the prefix keeps the shape
         if any(u not in inside and not (n is x and same_shape and not isinstance(values.get(u), torch.Tensor))

@@ -738,9 +738,6 @@ def test_dbb_bn_and_pad_layer_is_left_correct():
     fuse_checked(Net(DBBFaithful(C)), SHAPE, convs=None, norms=None, keep=["head"], dtype=torch.float64)
 
 
-@pytest.mark.xfail(strict=True, reason="NOT SUPPORTED: DBB's BNAndPadLayer writes the pad ring in place "
-                   "(output[...] = v), which torch.fx cannot trace ('Proxy' object does not support item "
-                   "assignment): the layer is opaque and the 1×1→k×k branch is not merged with the origin branch")
 def test_dbb_bn_and_pad_layer_fuses():
     fuse_checked(Net(DBBFaithful(C)), SHAPE, convs=1, norms=0, keep=["head"], dtype=torch.float64)
 
