@@ -171,8 +171,6 @@ def check_outputs(src: Path, dst: Path, options: Options) -> str:
                                "the layers of your deploy model: pass --deploy-model MODULE:CALLABLE")
         if path.suffix.lower() != ".json":
             raise RepfuseError(f"--keymap {path} must be a .json file", "for example --keymap keymap.json")
-        if path.resolve() == dst.resolve():
-            raise RepfuseError(f"--keymap {path} is OUT", "choose another --keymap path")
         rio.check_destination(path, src)
     return fmt
 

@@ -114,19 +114,22 @@ def strip_prefix(state: Mapping[str, torch.Tensor], expected: Iterable[str]) -> 
     Returns (state, the prefix removed)."""
     want = set(expected)
     keys = list(state)
-    removed = ""
-    while keys and not set(keys) <= want:
-        heads = {k.split(".", 1)[0] for k in keys}
-        if len(heads) != 1 or any("." not in k for k in keys):
-            break
-        head = heads.pop() + "."
-        stripped = [k[len(head):] for k in keys]
-        if len(set(stripped) & want) <= len(set(keys) & want):
-            break
-        keys, removed = stripped, removed + head
-    if not removed:
+    if not keys or set(keys) <= want:
         return dict(state), ""
-    return {k[len(removed):]: v for k, v in state.items()}, removed
+    # every prefix of dotted components all keys share; take the one that fits `expected` best
+    best, best_score = "", len(set(keys) & want)
+    prefix = ""
+    while True:
+        heads = {k[len(prefix):].split(".", 1)[0] for k in keys}
+        if len(heads) != 1 or any("." not in k[len(prefix):] for k in keys):
+            break
+        prefix += heads.pop() + "."
+        score = len({k[len(prefix):] for k in keys} & want)
+        if score > best_score:
+            best, best_score = prefix, score
+    if not best:
+        return dict(state), ""
+    return {k[len(best):]: v for k, v in state.items()}, best
 
 
 def fit_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, spec: str) -> None:

@@ -519,3 +519,81 @@ def test_sha256_file(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"abc")
     assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+# ----------------------------------------------------------------------------- state_dict inputs
+
+
+from repfuse import weights  # noqa: E402
+
+
+def test_find_state_dict_in_containers() -> None:
+    sd = _model().state_dict()
+    assert weights.find_state_dict(sd, "x.pt")[1] is None
+    for key in ("state_dict", "model", "ema", "model_state_dict", "state_dict_ema", "odd_key"):
+        found, where = weights.find_state_dict({"epoch": 1, key: sd, "optimizer": {"lr": 0.1}}, "x.pt")
+        assert where == key and found.keys() == sd.keys()
+    # the usual keys win over an unusual one; a module is taken as its state_dict
+    assert weights.find_state_dict({"aaa": {"w": torch.zeros(1)}, "state_dict": sd}, "x.pt")[1] == "state_dict"
+    assert weights.find_state_dict({"ema": _model()}, "x.pt")[0].keys() == sd.keys()
+    with pytest.raises(RepfuseError) as err:
+        weights.find_state_dict({"epoch": 1, "cfg": {"lr": 0.1}}, "x.pt")
+    assert "'epoch'" in err.value.message and "state_dict" in err.value.hint
+    with pytest.raises(RepfuseError):
+        weights.find_state_dict([1, 2], "x.pt")
+
+
+def test_strip_prefix_only_when_it_helps() -> None:
+    sd = _model().state_dict()
+    expected = sd.keys()
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "model."):
+        state, removed = weights.strip_prefix({prefix + k: v for k, v in sd.items()}, expected)
+        assert removed == prefix and state.keys() == sd.keys()
+    assert weights.strip_prefix(sd, expected) == (dict(sd), "")
+    other = {"module.x.weight": torch.zeros(1), "module.y.weight": torch.zeros(1)}
+    assert weights.strip_prefix(other, expected)[1] == ""  # stripping would match nothing either
+
+
+def test_fit_state_dict_keeps_dtype_and_tolerates_missing_counters() -> None:
+    source = _model(mobileone_tiny).half()
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    target = mobileone_tiny()
+    weights.fit_state_dict(target, state, "ckpt.pt", "repfuse.samples:mobileone_tiny")
+    assert next(target.parameters()).dtype == torch.float16
+    x = torch.randn(2, 3, 16, 16).half()
+    torch.testing.assert_close(target.eval()(x), source(x), rtol=0, atol=0)
+
+
+def test_check_finite_names_tensors_and_counts() -> None:
+    named = [(f"t{i}", torch.tensor([1.0, float("nan"), float("inf"), float("-inf")])) for i in range(6)]
+    with pytest.raises(RepfuseError) as err:
+        weights.check_finite([("ok", torch.ones(2)), ("ints", torch.arange(3)), *named], "ckpt.pt")
+    assert "t0 (1 NaN and 2 Inf)" in err.value.message and "and 2 more" in err.value.message
+    assert "ok" not in err.value.message.split(":", 1)[1].split(",")[0]
+    weights.check_finite([("ok", torch.ones(2))], "ckpt.pt")
+
+
+def test_file_kind(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.save({"w": torch.zeros(1)}, tmp_path / "a.pt")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "b.pt", _use_new_zipfile_serialization=False)
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "c.safetensors"))
+    assert [rio.file_kind(tmp_path / n) for n in ("a.pt", "b.pt", "c.safetensors")] == ["zip", "pickle", "safetensors"]
+
+
+def test_atomic_write_check_failure_keeps_existing(tmp_path: Path) -> None:
+    dst = tmp_path / "out.bin"
+    dst.write_bytes(b"old")
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"new but wrong")
+
+    def check(tmp: Path) -> None:
+        assert tmp.read_bytes() == b"new but wrong" and tmp.parent == dst.parent
+        raise RepfuseError("does not load back", "bug")
+
+    with pytest.raises(RepfuseError):
+        rio.atomic_write(dst, write, check)
+    assert dst.read_bytes() == b"old" and _no_temp_files(tmp_path)
+    assert rio.atomic_write(dst, write) == sha256_file(dst) and dst.read_bytes() == b"new but wrong"
