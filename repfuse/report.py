@@ -167,8 +167,18 @@ def _fmt_io(d: Mapping[str, Any] | None) -> str:
     if d is None:
         return "—"
     parts = [str(d["path"])] if "path" in d else []
-    parts += [f"{k}: {v}" for k, v in d.items() if k != "path"]
+    for k, v in d.items():
+        if k in _IO_DETAIL_ONLY or k == "path":
+            continue  # long prose: in the JSON report, not in the header
+        if isinstance(v, Mapping):  # a nested file (the --keymap, --against): its path
+            if not v:
+                continue
+            v = v["path"] if "path" in v else " ".join(f"{a}={b!r}" for a, b in v.items())
+        parts.append(f"{k}: {v}")
     return ", ".join(parts) or "—"
+
+
+_IO_DETAIL_ONLY = frozenset({"check"})
 
 
 def _total_rows(s: Summary) -> list[tuple[str, str, str, str]]:
