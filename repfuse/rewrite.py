@@ -701,17 +701,22 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
     graph_to_program(graph)  # raises UnsupportedProgram before anything is changed
     consumed_modules: list[str] = []
     regions = plan.regions
+    replaced: dict[fx.Node, fx.Node] = {}  # a node gone from the graph → the node that now holds its value
     if plan.strip_prefix and plan.prefix is not None:
         inner = plan.prefix.expr.nodes
         regions = [r for r in regions if not (r.expr.nodes & inner)]
         placeholder = next(n for n in graph.nodes if n.op == "placeholder")
         plan.prefix.output.replace_all_uses_with(placeholder)
+        replaced[plan.prefix.output] = placeholder
         for n in sorted(inner, key=_order(graph), reverse=True):
             graph.erase_node(n)
         consumed_modules.extend(sorted({n.target for n in inner if n.op == "call_module"}))
     names = _fused_names(m, len(regions))
     new_layers: list[tuple[str, nn.Module, Region, int]] = []
     for region, name in zip(regions, names):
+        base = region.base
+        while base in replaced:
+            base = replaced[base]
         kept = region.output if region.expr.partial else None  # the child that keeps its suffix
         targets = sorted({n.target for n in region.expr.nodes if n.op == "call_module" and n is not kept})
         sources = [m.get_submodule(t) for t in targets]
@@ -722,16 +727,17 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         gm.add_submodule(name, layer)  # so fx's lint sees the target
         if kept is None:
             with graph.inserting_after(region.output):
-                new = graph.create_node("call_module", name, (region.base,))
+                new = graph.create_node("call_module", name, (base,))
             region.output.replace_all_uses_with(new)
-            new.args = (region.base,)
+            new.args = (base,)
+            replaced[region.output] = new
         else:
             child = m.get_submodule(kept.target)
             analysis.plans[id(child)].strip_prefix = True
             before += sum(p.numel() for n in analysis.plans[id(child)].prefix.expr.nodes if n.op == "call_module"
                           for p in child.get_submodule(n.target).parameters())
             with graph.inserting_before(kept):
-                new = graph.create_node("call_module", name, (region.base,))
+                new = graph.create_node("call_module", name, (base,))
             kept.args = (new,)
         for n in sorted(region.expr.nodes - {kept}, key=_order(graph), reverse=True):
             graph.erase_node(n)
