@@ -354,31 +354,33 @@ REPRO = textwrap.dedent('''
     from pathlib import Path
     from repfuse import api
     from repfuse.types import Options
-    src, whole, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    src, whole, out, stem = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
     options = Options(input_shapes=((2, 3, 32, 32),), model="repfuse.samples:repvgg_tiny")
-    for name in ("a.pt", "a.safetensors"):
-        print(name, api.convert_file(src, out / name, options).output["sha256"])
-    report = api.convert_file(whole, out / "whole.pt", Options(input_shapes=((2, 3, 32, 32),)))
-    print("whole.pt", report.output["sha256"])
+    for ext in (".pt", ".safetensors"):
+        print(ext, api.convert_file(src, out / (stem + ext), options).output["sha256"])
+    report = api.convert_file(whole, out / (stem + ".whole.pt"), Options(input_shapes=((2, 3, 32, 32),)))
+    print(".whole.pt", report.output["sha256"])
 ''')
 
 
 def test_same_input_gives_identical_bytes(ddp_checkpoint: Path, tmp_path: Path) -> None:
+    """Two processes, other directories and file names (torch.save(obj, path) would record the
+    file name in the zip archive; the safetensors library orders its header from a hash map)."""
     whole = tmp_path / "whole.pt"
     torch.save(sample_model(), whole)
     env = {k: v for k, v in os.environ.items() if k != "REPFUSE_DEBUG"}
     digests = []
-    for run in ("one", "two"):  # two processes: also catches hash-map ordering and file names
+    for run, stem in (("one", "first"), ("two", "second_name")):
         (tmp_path / run).mkdir()
-        r = subprocess.run([sys.executable, "-c", REPRO, str(ddp_checkpoint), str(whole), str(tmp_path / run)],
+        r = subprocess.run([sys.executable, "-c", REPRO, str(ddp_checkpoint), str(whole), str(tmp_path / run), stem],
                            capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0, r.stderr
         digests.append(dict(line.split() for line in r.stdout.splitlines()))
     assert digests[0] == digests[1]
-    for name in ("a.pt", "a.safetensors", "whole.pt"):
-        one, two = (tmp_path / "one" / name).read_bytes(), (tmp_path / "two" / name).read_bytes()
-        assert one == two, name
-        assert digests[0][name] == rio.sha256_file(tmp_path / "one" / name)
+    for ext in (".pt", ".safetensors", ".whole.pt"):
+        one = (tmp_path / "one" / f"first{ext}").read_bytes()
+        assert one == (tmp_path / "two" / f"second_name{ext}").read_bytes(), ext
+        assert digests[0][ext] == rio.sha256_file(tmp_path / "one" / f"first{ext}")
 
 
 def test_safetensors_header_is_canonical() -> None:
