@@ -153,7 +153,7 @@ class Deployed:
     weights mapped onto it), its float64 twin for the exactness check, and the key map if any."""
 
     model: nn.Module
-    model64: nn.Module
+    model64: nn.Module | None  # None: no float64 twin, the float64 figure is reported but does not decide
     keymap: keymap.KeyMap | None = None
     spec: str | None = None  # the --deploy-model MODULE:CALLABLE
 
@@ -186,9 +186,10 @@ def map_to_deploy_model(result: FuseResult, dtype: torch.dtype, options: Options
     km = keymap.map_to_deploy(user, result.model, inputs)
     user.load_state_dict(km.state_dict, strict=True)
     # the float64 twin: the same mapping applied to the fused model's float64 weights
-    user64 = copy.deepcopy(user).double()
     f64 = result.fused64.state_dict()
+    user64: nn.Module | None = None
     if all(v in f64 for v in km.mapping.values()):
+        user64 = copy.deepcopy(user).double()
         state64 = {k: (f64[km.mapping[k]] if k in km.mapping else torch.zeros_like(t))
                    for k, t in user64.state_dict().items()}
         user64.load_state_dict(state64, strict=True)
@@ -214,7 +215,8 @@ def _fuse_and_verify(loaded: rio.LoadedCheckpoint, options: Options, command: st
         with clock.stage("verify", f"verifying {options.deploy_model} with the mapped weights"):
             mapped = verify.compare(loaded.model, deployed.model, result.input_shapes, atol=options.atol,
                                     rtol=options.rtol, trials=options.trials, seed=options.seed,
-                                    worst_sites=_site_errors(result), fused64=deployed.model64)
+                                    worst_sites=_site_errors(result), fused64=deployed.model64,
+                                    exact=deployed.model64 is not None)
         report = replace(report, verification=mapped if ver.passed else ver)
     return report, result, deployed
 
