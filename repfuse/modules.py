@@ -11,9 +11,6 @@ repfuse is importable.
 from __future__ import annotations
 
 import builtins
-import importlib
-import math
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +19,6 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import _get_qualified_name
 
-# roots a program may name functions from; anything else keeps the module un-rewritten
-_SAFE_ROOTS = ("torch", "operator", "_operator", "math")
 _SAFE_BUILTINS = {"getattr", "len", "int", "float", "bool", "tuple", "list", "slice", "range", "max", "min",
                   "abs", "isinstance"}
 _ENUMS: dict[str, Callable[[str], Any]] = {
@@ -43,34 +38,59 @@ def function_name(fn: Callable[..., Any]) -> str:
     if getattr(builtins, getattr(fn, "__name__", ""), None) is fn and fn.__name__ in _SAFE_BUILTINS:
         return fn.__name__
     name = _get_qualified_name(fn)
-    if name.split(".")[0] not in _SAFE_ROOTS:
-        raise UnsupportedProgram(f"the forward calls {name}, which a deploy file cannot name safely")
-    resolve_function(name)  # must round-trip
+    try:
+        resolved = resolve_function(name)
+    except UnsupportedProgram as exc:
+        raise UnsupportedProgram(f"the forward calls {name}, which a deploy file cannot name safely") from exc
+    if resolved is not fn and not (name.startswith("torch.") and getattr(resolved, "__name__", None) == fn.__name__):
+        raise UnsupportedProgram(f"{name} does not name the function the forward calls")
     return name
 
 
 def resolve_function(name: str) -> Callable[..., Any]:
-    """Inverse of `function_name`; refuses anything outside the safe roots."""
+    """Inverse of `function_name`: only tensor maths from a fixed set of namespaces resolves, so a
+    program read from a file can never reach torch.load, importlib, attrgetter & co."""
     if "." not in name:
         if name not in _SAFE_BUILTINS:
             raise UnsupportedProgram(f"builtin {name} is not allowed in a program")
-        return getattr(builtins, name)
-    parts = name.split(".")
-    if parts[0] not in _SAFE_ROOTS:
-        raise UnsupportedProgram(f"{name} is outside the allowed namespaces")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            obj: Any = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        try:
-            for attr in parts[cut:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            continue
-        if callable(obj):
-            return obj
-    raise UnsupportedProgram(f"cannot resolve {name}")
+        return _safe_getattr if name == "getattr" else getattr(builtins, name)
+    namespace, _, attr = name.rpartition(".")
+    root = _namespaces().get(namespace)
+    if root is None or attr.startswith("_") or attr in _DENIED.get(namespace, ()) or attr.startswith("set_"):
+        raise UnsupportedProgram(f"{name} is not allowed in a program")
+    obj = getattr(root, attr, None)
+    if not callable(obj) or isinstance(obj, type):
+        raise UnsupportedProgram(f"cannot resolve {name}")
+    if namespace == "torch" and getattr(obj, "__module__", None) not in (None, "torch", "torch.functional",
+                                                                        "torch._C._VariableFunctions"):
+        raise UnsupportedProgram(f"{name} is not a tensor operation")
+    return obj
+
+
+_DENIED = {
+    "torch": {"compile", "manual_seed", "seed", "initial_seed", "use_deterministic_algorithms", "load", "save",
+              "export", "cond", "while_loop", "vmap", "func"},
+    "operator": {"attrgetter", "methodcaller", "call"},
+    "_operator": {"attrgetter", "methodcaller", "call"},
+}
+
+
+def _namespaces() -> dict[str, Any]:
+    import math
+    import operator
+
+    import torch.nn.functional as F
+
+    return {"torch": torch, "torch.functional": torch.functional, "torch.nn.functional": F,
+            "torch._C._nn": torch._C._nn, "torch.fft": torch.fft, "torch.linalg": torch.linalg,
+            "torch.special": torch.special, "operator": operator, "_operator": operator, "math": math}
+
+
+def _safe_getattr(obj: Any, name: str, *default: Any) -> Any:
+    """getattr for programs: public attributes only (x.shape, x.ndim), never dunders."""
+    if not isinstance(name, str) or name.startswith("_"):
+        raise UnsupportedProgram(f"attribute {name!r} is not allowed in a program")
+    return getattr(obj, name, *default)
 
 
 def encode(value: Any) -> Any:
@@ -172,6 +192,8 @@ class GraphBlock(nn.Module):
             fn: Any = target
             if op == "call_function":
                 fn = resolve_function(target)
+            elif op == "call_method" and target.startswith("_"):
+                raise UnsupportedProgram(f"method {target} is not allowed in a program")
             steps.append((name, op, fn, _decoder(args), _decoder(kwargs)))
         return steps
 
@@ -213,6 +235,3 @@ def _get_attr(root: nn.Module, target: str) -> Any:
         obj = getattr(obj, part)
     return obj
 
-
-# Kept for static checkers: these names are used only through resolve_function at run time.
-_ = (math, operator)

@@ -839,5 +839,3 @@ def count_layers(model: nn.Module) -> tuple[int, int]:
     norms = sum(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
     return convs, norms
 
-
-_ = math
