@@ -103,7 +103,7 @@ class LeafInfo:
     scales: int = 0
     leaves: tuple[str, ...] = ()
     cost: float | None = None  # per input position; None: that of `op` itself
-    partial: bool = False  # only the child's affine prefix (see rewrite.Prefix), not its whole forward
+    partial: bool = False  # only the child's affine prefix (see analysis.Prefix), not its whole forward
 
     def input_cost(self) -> float:
         return self.cost if self.cost is not None else op_cost(self.op) if self.op is not None else 0.0
