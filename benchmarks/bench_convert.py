@@ -13,6 +13,7 @@ Everything is measured in one run as ratios against a baseline of the same run:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -32,9 +33,10 @@ torch.save(m, sys.argv[2])
 """
 
 
-def wall(cmd: list[str]) -> float:
+def wall(cmd: list[str], threads: int) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # both sides use the same thread count
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
     return time.perf_counter() - start
 
 
@@ -73,9 +75,9 @@ def main() -> None:
 
         floor, conv = [], []
         for i in range(args.repeats):
-            floor.append(wall([sys.executable, "-c", FLOOR, str(src), str(tmp_path / f"floor{i}.pt")]))
+            floor.append(wall([sys.executable, "-c", FLOOR, str(src), str(tmp_path / f"floor{i}.pt")], args.threads))
             conv.append(wall([repfuse, "convert", str(src), str(tmp_path / f"deploy{i}.pt"),
-                              "--input-shape", "1,3,224,224", "--trials", "1", "--quiet"]))
+                              "--input-shape", "1,3,224,224", "--trials", "1", "--quiet"], args.threads))
         f, c = statistics.median(floor), statistics.median(conv)
         print(f"(a) convert: {c:.2f} s  vs  torch load+save floor: {f:.2f} s  →  ratio {c / f:.2f}×")
 

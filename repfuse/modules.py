@@ -56,7 +56,8 @@ def resolve_function(name: str) -> Callable[..., Any]:
         return _safe_getattr if name == "getattr" else getattr(builtins, name)
     namespace, _, attr = name.rpartition(".")
     root = _namespaces().get(namespace)
-    if root is None or attr.startswith("_") or attr in _DENIED.get(namespace, ()) or attr.startswith("set_"):
+    private = attr.startswith("_") and attr not in _ALLOWED_PRIVATE
+    if root is None or private or attr in _DENIED.get(namespace, ()) or attr.startswith("set_"):
         raise UnsupportedProgram(f"{name} is not allowed in a program")
     obj = getattr(root, attr, None)
     if not callable(obj) or isinstance(obj, type):
@@ -67,6 +68,7 @@ def resolve_function(name: str) -> Callable[..., Any]:
     return obj
 
 
+_ALLOWED_PRIVATE = {"_assert"}  # torch._assert: the traceable assert timm's layers use
 _DENIED = {
     "torch": {"compile", "manual_seed", "seed", "initial_seed", "use_deterministic_algorithms", "load", "save",
               "export", "cond", "while_loop", "vmap", "func"},

@@ -1078,8 +1078,10 @@ def test_timm_batchnormact_relu_is_not_a_plain_bn(norm, inplace):
     assert float(out.min()) >= 0.0 and float((out == 0).double().mean()) > 0.1  # the ReLU still acts
 
 
-def test_timm_batchnormact_relu_conv_bn_folded():
-    model = ConvNormAct(C, 8, 3, apply_act=True, norm=BatchNormAct2dNoAssert, inplace=False)
+@pytest.mark.parametrize("norm", [BatchNormAct2d, BatchNormAct2dNoAssert], ids=["timm", "no_assert"])
+def test_timm_batchnormact_relu_conv_bn_folded(norm):
+    # with timm's torch._assert too: the stripped BatchNormAct2d must still be storable as a program
+    model = ConvNormAct(C, 8, 3, apply_act=True, norm=norm, inplace=False)
     res = fuse_checked(model, SHAPE, convs=1, norms=0, dtype=torch.float64)
     assert count(res.model, nn.ReLU) == 1
 

@@ -17,7 +17,7 @@ def program(target: str, op: str = "call_function", args: tuple = ()) -> list:
 
 
 @pytest.mark.parametrize("name", ["torch.relu", "torch.nn.functional.relu", "_operator.add", "math.sqrt",
-                                  "torch.add", "torch._C._nn.linear", "getattr"])
+                                  "torch.add", "torch._C._nn.linear", "getattr", "torch._assert"])
 def test_tensor_maths_resolves(name: str) -> None:
     assert callable(resolve_function(name))
 
