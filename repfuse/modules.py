@@ -11,6 +11,7 @@ repfuse is importable.
 from __future__ import annotations
 
 import builtins
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -177,7 +178,7 @@ class GraphBlock(nn.Module):
         super().__init__()
         self.program = program
         self.source_class = source_class
-        self._steps: list[Any] | None = None
+        self._steps: fx.GraphModule | None = None
 
     def extra_repr(self) -> str:
         ops = sum(1 for p in self.program if p[1].startswith("call"))
@@ -185,55 +186,47 @@ class GraphBlock(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_steps"] = None  # resolved callables are rebuilt after loading, never stored
+        state["_steps"] = None  # the compiled forward is rebuilt after loading, never stored
         return state
 
-    def _compile(self) -> list[Any]:
-        steps = []
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "_steps":
+            self.__dict__["_steps"] = None  # a changed child or tensor: compile again
+        super().__setattr__(name, value)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> GraphBlock:
+        self.__dict__["_steps"] = None  # .to()/.double() replace buffers the compiled copy would still hold
+        return super()._apply(fn, *args, **kwargs)
+
+    def _compile(self) -> fx.GraphModule:
+        """Rebuild the fx graph from the program (every function checked by `resolve_function`) and let
+        torch.fx generate its forward: as fast as hand-written code, and nothing read from the file runs."""
+        graph = fx.Graph()
+        env: dict[str, Any] = {}
         for name, op, target, args, kwargs in self.program:
-            fn: Any = target
-            if op == "call_function":
-                fn = resolve_function(target)
-            elif op == "call_method" and target.startswith("_"):
-                raise UnsupportedProgram(f"method {target} is not allowed in a program")
-            steps.append((name, op, fn, _decoder(args), _decoder(kwargs)))
-        return steps
+            a, k = _decoder(args)(env), _decoder(kwargs)(env)
+            if op == "placeholder":
+                env[name] = graph.placeholder(target, default_value=a[0] if a else inspect.Signature.empty)
+            elif op == "get_attr":
+                env[name] = graph.get_attr(target)
+            elif op == "call_module":
+                env[name] = graph.call_module(target, a, k)
+            elif op == "call_function":
+                env[name] = graph.call_function(resolve_function(target), a, k)
+            elif op == "call_method":
+                if target.startswith("_"):
+                    raise UnsupportedProgram(f"method {target} is not allowed in a program")
+                env[name] = graph.call_method(target, a, k)
+            elif op == "output":
+                graph.output(a[0])
+                break
+            else:
+                raise UnsupportedProgram(f"unknown op {op!r} in program")
+        return fx.GraphModule(self, graph, class_name=f"{self.source_class or 'GraphBlock'}Program")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        steps = self._steps
-        if steps is None:
-            steps = self._steps = self._compile()
-        env: dict[str, Any] = {}
-        position = 0
-        for name, op, fn, get_args, get_kwargs in steps:
-            if op == "placeholder":
-                if fn in kwargs:
-                    env[name] = kwargs[fn]
-                elif position < len(args):
-                    env[name] = args[position]
-                else:
-                    defaults = get_args(env)
-                    if not defaults:
-                        raise TypeError(f"missing input '{fn}'")
-                    env[name] = defaults[0]
-                position += 1
-            elif op == "get_attr":
-                env[name] = _get_attr(self, fn)
-            elif op == "call_module":
-                env[name] = self.get_submodule(fn)(*get_args(env), **get_kwargs(env))
-            elif op == "call_function":
-                env[name] = fn(*get_args(env), **get_kwargs(env))
-            elif op == "call_method":
-                a = get_args(env)
-                env[name] = getattr(a[0], fn)(*a[1:], **get_kwargs(env))
-            elif op == "output":
-                return get_args(env)[0]
-        raise RuntimeError("program has no output")
-
-
-def _get_attr(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
+        compiled = self.__dict__.get("_steps")
+        if compiled is None:
+            compiled = self._compile()
+            self.__dict__["_steps"] = compiled  # plain attribute: not a registered submodule
+        return compiled(*args, **kwargs)

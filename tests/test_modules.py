@@ -55,3 +55,22 @@ def test_a_plain_program_runs_and_survives_pickling(tmp_path) -> None:
     with torch.serialization.safe_globals([GraphBlock]):
         again = torch.load(tmp_path / "b.pt", weights_only=True)
     torch.testing.assert_close(again(x), torch.relu(x))
+
+
+def test_compiled_forward_follows_dtype_changes_and_new_children() -> None:
+    prog = [
+        ("x", "placeholder", "x", ("T", []), ("D", [])),
+        ("s", "get_attr", "scale", ("T", []), ("D", [])),
+        ("y", "call_function", "_operator.mul", ("T", [("N", "x"), ("N", "s")]), ("D", [])),
+        ("z", "call_module", "act", ("T", [("N", "y")]), ("D", [])),
+        ("output", "output", "output", ("T", [("N", "z")]), ("D", [])),
+    ]
+    block = GraphBlock(prog)
+    block.register_buffer("scale", torch.full((3,), 2.0))
+    block.act = torch.nn.ReLU()
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(block(x), torch.relu(2 * x))
+    block.double()  # replaces the buffer: the compiled forward must not keep the old one
+    assert block(x.double()).dtype == torch.float64
+    block.act = torch.nn.Identity()  # a new child is used at once
+    torch.testing.assert_close(block(x.double()), 2 * x.double())
