@@ -110,7 +110,7 @@ def analyse(root: nn.Module, inputs: tuple[Any, ...]) -> Analysis:
             continue
         values = G.node_values(gm, rec, result.records)
         if values is None:
-            result.notes[path] = "traced, but the graph could not be replayed on the recorded inputs"
+            result.notes[path] = "traced, but the traced graph does not reproduce the eager forward"
             continue
         plan = _analyse_graph(path, m, gm, values, result)
         result.plans[id(m)] = plan

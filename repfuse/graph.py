@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from . import kernels as K
 from .kernels import ConvOp
@@ -328,10 +328,26 @@ def node_values(gm: fx.GraphModule, rec: CallRecord, records: dict[int, CallReco
     interp = ValueRecorder(gm, records)
     try:
         with torch.no_grad():
-            interp.run(*args)
-    except Exception:
+            out = interp.run(*args)
+    except Exception:  # an unreplayable graph is simply not analysed
+        return None
+    if not _same_outputs(out, rec.output):  # the trace took another path than eager Python did
         return None
     return interp.values
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    if sa != sb or len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor) and (x.shape != y.shape or not torch.allclose(
+                x.double(), y.double(), rtol=1e-9, atol=1e-12, equal_nan=True)):
+            return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

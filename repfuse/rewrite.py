@@ -64,8 +64,10 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
         plan = analysis.plans.get(id(m))
         if (plan is not None and plan.summary is not None and plan.summary.ops >= 2
                 and G.op_cost(plan.summary.op) <= plan.summary.cost * COST_SLACK
-                and all(p >= 0 for p in plan.summary.op.padding)):
+                and all(p >= 0 for p in plan.summary.op.padding)
+                and not _reached_into(path, analysis)):
             layer = materialise(plan.summary.op, _dtype_of([m], dtypes, default), dtypes)
+            _keep_flags(m, layer)
             setattr(parent, name, layer)
             before = _count_params(m)
             sites.append(_site(path, plan.summary, layer, before, plan.summary_error))
@@ -84,6 +86,30 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
 
     visit(holder, "root", "")
     return Applied(holder._modules["root"], sites, new_modules)
+
+
+def _reached_into(path: str, analysis: Analysis) -> bool:
+    """Does an ancestor's forward call or read something inside the module at `path`
+    (`self.branch.conv(x)`)? Then the module must stay what it is."""
+    inside = f"{path}."
+    for plan in analysis.plans.values():
+        ancestor = plan.path != path and (plan.path == "" or inside.startswith(f"{plan.path}."))
+        if plan.gm is None or not ancestor:
+            continue
+        prefix = f"{plan.path}." if plan.path else ""
+        if any(n.op in ("call_module", "get_attr") and f"{prefix}{n.target}".startswith(inside)
+               for n in plan.gm.graph.nodes):
+            return True
+    return False
+
+
+def _keep_flags(old: nn.Module, layer: nn.Module) -> None:
+    """Plain settings of the replaced module (`use_act`, `deploy`) stay readable on its replacement,
+    for parents whose forward checks them."""
+    for name, value in vars(old).items():
+        if (not name.startswith("_") and not hasattr(layer, name)
+                and (value is None or isinstance(value, (bool, int, float, str)))):
+            setattr(layer, name, value)
 
 
 def _dtype_of(sources: list[nn.Module], dtypes: DtypeMap, default: torch.dtype,

@@ -20,8 +20,7 @@ For every drawn model, after randomising every statistic and parameter (models_z
 
 `hypothesis.event` counts the outcomes (fused to one layer / partially / nothing; refusal reasons; what the
 fused sites cover): run with ``--hypothesis-show-statistics`` to see both sides happen. Hand-picked specs
-must fuse to exactly one conv. Engine bugs found here are reproduced at the end as strict xfails, and the
-property test assumes their class of input away (`known_engine_bug`).
+must fuse to exactly one conv. Engine bugs found here are reproduced at the end as regression tests.
 """
 
 from __future__ import annotations
@@ -462,13 +461,9 @@ def build(spec: Spec) -> RandomBlock | None:
 
 
 def known_engine_bug(spec: Spec) -> str | None:
-    """The classes of input that hit a known engine bug (each reproduced by an xfail test below)."""
-    for br in spec.branches:
-        if br.alias >= 0 and br.split < 0 <= spec.branches[br.alias].split:
-            return "a child module is called and reached into"  # test_engine_bug_child_reached_into
-        for op in br.ops:
-            if op.kind == "block" and known_engine_bug(op.block):
-                return known_engine_bug(op.block)
+    """Classes of input that hit a known engine bug (none open: the two found here are fixed and their
+    reproductions below are plain regression tests now)."""
+    del spec
     return None
 
 
@@ -651,11 +646,6 @@ class ReadsChildFlag(nn.Module):
         return torch.relu(y) if self.branch.use_act else y
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="ENGINE BUG: a child whose whole forward is one "
-                   "conv is replaced by an nn.Conv2d in place while its parent keeps its class, even when the "
-                   "parent's forward reads the child's submodules or attributes (self.branch.conv(x), "
-                   "self.branch.use_act): the deploy model fails with AttributeError: 'Conv2d' object has no "
-                   "attribute 'conv' / 'use_act'")
 @pytest.mark.parametrize("block", [ReachesIntoChild, ReadsChildFlag], ids=["submodule", "attribute"])
 def test_engine_bug_child_reached_into(block):
     model = randomize(block())
@@ -690,10 +680,6 @@ class TupleCheck(nn.Module):
         return out
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="ENGINE BUG: the fx graph of a module whose "
-                   "forward branches on isinstance(child(x), tuple) differs from its eager forward; node_values "
-                   "replays it without comparing the replayed output with the recorded one, so the module "
-                   "becomes a GraphBlock that returns the child's whole tuple (y, y.mean()) instead of y")
 def test_engine_bug_isinstance_on_child_output():
     model = randomize(TupleCheck())
     result = api.fuse(model, Options(input_shapes=((2, 4, 7, 7),)))
