@@ -3,7 +3,6 @@ nothing written, and no code run (neither the file's pickle payload nor the --mo
 
 from __future__ import annotations
 
-import builtins
 import os
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
-from user_code import files_in
+from user_code import ExecPayload, SystemPayload, files_in
 
 from repfuse import cli, factory
 from repfuse.samples import acnet_tiny, randomize_bn, repvgg_tiny
@@ -89,23 +88,9 @@ def test_random_bytes(tmp_path: Path, head: bytes, with_model: bool) -> None:
 # pickles that would run code
 
 
-class _SystemPayload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
-class _ExecPayload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
-@pytest.mark.parametrize("payload", [_SystemPayload, _ExecPayload])
+@pytest.mark.parametrize("payload", [SystemPayload, ExecPayload])
 @pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("kind", ["model", "state_dict"])
 def test_code_running_pickle_never_runs(tmp_path: Path, payload, legacy: bool, kind: str) -> None:
@@ -118,7 +103,7 @@ def test_code_running_pickle_never_runs(tmp_path: Path, payload, legacy: bool, k
     extra = ["--model", SAMPLE] if kind == "state_dict" else []
     for out in ("o.pt", "o.safetensors", "o.pt2"):
         line = assert_refused(invoke("convert", path, tmp_path / out, *extra), tmp_path, before, "arbitrary code")
-        assert ("system" in line) if payload is _SystemPayload else ("exec" in line)
+        assert ("system" in line) if payload is SystemPayload else ("exec" in line)
     assert not marker.exists()  # ... and loading did not either
 
 
@@ -126,7 +111,7 @@ def test_code_running_pickle_never_runs(tmp_path: Path, payload, legacy: bool, k
 def test_code_running_pickle_installed_command(tmp_path: Path) -> None:
     marker = tmp_path / "PWNED"
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": sample_model().state_dict(), "x": _SystemPayload(marker)}, path)
+    torch.save({"state_dict": sample_model().state_dict(), "x": SystemPayload(marker)}, path)
     env = {k: v for k, v in os.environ.items() if k != "REPFUSE_DEBUG"}
     r = subprocess.run([REPFUSE, "convert", str(path), str(tmp_path / "o.safetensors"), "--model", SAMPLE],
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)

@@ -25,13 +25,7 @@ SHAPE = (2, C, 9, 11)
 SQUARE = (2, C, 13, 13)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 convs are ~1000× slower with several intra-op threads on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):

@@ -20,12 +20,7 @@ SHAPE = (2, C, 9, 11)
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv_bn(cin, cout, k, stride=1, padding=0, groups=1, dilation=1, padding_mode="zeros"):

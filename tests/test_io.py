@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from user_code import ExecPayload, SystemPayload
 
 from repfuse import io as rio
 from repfuse.io import (
@@ -250,23 +251,9 @@ def test_narrow_allow_prefix_and_missing_package(tmp_path: Path, monkeypatch, is
     assert "cannot be imported" in err.value.message and "userpkg_b" in err.value.hint
 
 
-class _SystemPayload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
-class _ExecPayload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
-
-
-@pytest.mark.parametrize("payload", [_SystemPayload, _ExecPayload])
+@pytest.mark.parametrize("payload", [SystemPayload, ExecPayload])
 @pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("allow", [(), ("tests",)])
 def test_code_running_pickle_is_refused_and_never_runs(tmp_path: Path, payload, legacy: bool,
@@ -279,7 +266,7 @@ def test_code_running_pickle_is_refused_and_never_runs(tmp_path: Path, payload, 
     with pytest.raises(RepfuseError) as err:
         load_checkpoint(path, allow=allow)
     assert not marker.exists()
-    func = os.system if payload is _SystemPayload else builtins.exec
+    func = os.system if payload is SystemPayload else builtins.exec
     assert f"{func.__module__}.{func.__name__}" in err.value.message
     assert "arbitrary code" in err.value.message
     assert "--allow" not in err.value.hint

@@ -4,6 +4,7 @@ directory and made importable only for the duration of one test."""
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import os
 import sys
@@ -152,3 +153,23 @@ def user_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def files_in(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir()}
+
+
+class SystemPayload:
+    """Unpickling this runs `touch marker` (os.system)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class ExecPayload:
+    """Unpickling this writes `marker` through builtins.exec."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
