@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -188,7 +188,7 @@ def _lower_bn(m: nn.modules.batchnorm._BatchNorm, shape: tuple[int, ...] | None)
                         "(track_running_stats=False): it normalises with batch statistics even in eval")
     if m.training:
         return LeafInfo(None, "bn", "BatchNorm is in training mode")
-    nd = len(shape) - 2 if shape else m.running_mean.dim() and _bn_nd(m)
+    nd = len(shape) - 2 if shape else _bn_nd(m)
     return LeafInfo(K.fold_bn(m.running_mean, m.running_var, m.weight if m.affine else None,
                               m.bias if m.affine else None, m.eps, nd), "bn", norms=1, terms=("identity",))
 
@@ -482,11 +482,3 @@ def channel_constant(value: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
     if full[0] != 1 or any(s != 1 for s in full[2:]) or full[1] not in (1, c):
         return None
     return value.detach().to(K.DT).reshape(-1).expand(c).clone()
-
-
-@dataclass
-class NodeFacts:
-    """What analysis knows about each node of one module's graph."""
-
-    shape: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
-    constant: dict[fx.Node, Any] = field(default_factory=dict)

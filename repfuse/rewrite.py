@@ -34,7 +34,6 @@ __all__ = ["Applied", "DtypeMap", "analyse", "apply", "count_layers", "materiali
 class Applied:
     model: nn.Module
     sites: list[FusionSite]
-    new_modules: dict[str, tuple[ConvOp, nn.Module]]  # path → (float64 op, layer), for localisation
 
 
 DtypeMap = dict[tuple[int, str], torch.dtype]  # (id(module), tensor name) → dtype before float64
@@ -51,7 +50,6 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
     """Rewrite `root` in place per `analysis`; `dtypes` maps tensors to their original dtype and learns
     those of the new layers; `default` is the model's dtype, for layers whose sources held no weights."""
     sites: list[FusionSite] = []
-    new_modules: dict[str, tuple[ConvOp, nn.Module]] = {}
     holder = nn.Module()
     holder.add_module("root", root)
     seen: set[int] = set()
@@ -71,11 +69,10 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
             setattr(parent, name, layer)
             before = _count_params(m)
             sites.append(_site(path, plan.summary, layer, before, plan.summary_error))
-            new_modules[path] = (plan.summary.op, layer)
             return
         if plan is not None and (plan.regions or plan.strip_prefix):
             try:
-                m = _to_graph_block(plan, path, analysis, dtypes, default, sites, new_modules)
+                m = _to_graph_block(plan, path, analysis, dtypes, default, sites)
             except UnsupportedProgram as exc:
                 for r in plan.regions:
                     analysis.skip(site_label(path, r.output), f"not rewritten: {exc}")
@@ -85,7 +82,7 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
             visit(m, child_name, f"{path}.{child_name}" if path else child_name)
 
     visit(holder, "root", "")
-    return Applied(holder._modules["root"], sites, new_modules)
+    return Applied(holder._modules["root"], sites)
 
 
 def _reached_into(path: str, analysis: Analysis) -> bool:
@@ -167,7 +164,7 @@ def _site(path: str, expr: G.Expr, layer: nn.Module, params_before: int, error: 
 
 
 def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: DtypeMap, default: torch.dtype,
-                    sites: list[FusionSite], new_modules: dict[str, tuple[ConvOp, nn.Module]]) -> GraphBlock:
+                    sites: list[FusionSite]) -> GraphBlock:
     """Replace each region of plan's graph by one layer; the module becomes a GraphBlock.
 
     A region that ends in a child's affine prefix feeds the new layer to that child, whose prefix
@@ -259,7 +256,6 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         block.add_module(name, layer)
         sites.append(_site(prefix + name, region.expr, layer, before + (attr_params if i == 0 else 0),
                            region.error))
-        new_modules[prefix + name] = (region.expr.op, layer)
     return block
 
 
