@@ -20,7 +20,7 @@ from torch import nn
 from typer.testing import CliRunner
 from user_code import files_in
 
-from repfuse import __version__, api, cli, export, verify
+from repfuse import __version__, api, cli, export, verify, writing
 from repfuse import io as rio
 from repfuse.samples import mobileone_tiny, randomize_bn, repvgg_tiny
 from repfuse.types import Options, RepfuseError
@@ -322,7 +322,7 @@ def test_interrupted_write_keeps_the_existing_file(tmp_path: Path, monkeypatch: 
             raise KeyboardInterrupt
         return real(path)
 
-    monkeypatch.setattr(rio, "sha256_file", interrupted)
+    monkeypatch.setattr(writing, "sha256_file", interrupted)
     options = Options(input_shapes=(SHAPE,), model=SAMPLE if fmt == "state.pt" else None)
     with pytest.raises(KeyboardInterrupt):
         api.convert_file(src, dst, options)
