@@ -311,8 +311,7 @@ def admitted_globals(path: Path | str, allow: Sequence[str] = (),
     if facts.foreign_ids:
         raise _legacy_module_error(path) if "module" in facts.foreign_ids else _corrupt(
             path, ValueError(f"persistent objects of kind {names_list(sorted(facts.foreign_ids))}"))
-    modules = {name for obj, name in pairs if isinstance(obj, type) and issubclass(obj, nn.Module)}
-    pickle_scan.check_structure(path, facts.root, modules, limits)
+    pickle_scan.check_structure(path, facts.root, {name: obj for obj, name in pairs}, limits)
     return pairs
 
 

@@ -18,9 +18,11 @@ hostile file costs at most a pass over its own bytes.
 
 from __future__ import annotations
 
+import enum
 import io
 import math
 import pickle
+import types
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -70,14 +72,14 @@ class _Stub:
     def __new__(cls, *args: Any, **kwargs: Any) -> _Stub:
         # NEWOBJ on something that is not a class (a stub instance) still builds an inert stub
         obj = object.__new__(cls if isinstance(cls, type) else _Stub)
-        obj.__dict__.update(args=args, kwargs=kwargs, state=[], items=[])
+        obj.__dict__.update(args=args, kwargs=kwargs, state=[], items=[], called=False)
         return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["called"] = True  # built by calling the global (REDUCE), not by NEWOBJ
 
     def __call__(self, *args: Any, **kwargs: Any) -> _Stub:
         return _Stub(self, *args, **kwargs)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
     def __setstate__(self, state: Any) -> None:
         self.__dict__["state"].append(state)
@@ -311,9 +313,33 @@ def _check_tensors(path: Path, root: Any, storage_bytes: dict[int, int], limits:
     return declared
 
 
-def check_structure(path: Path, root: Any, module_classes: set[str], limits: Limits) -> None:
-    """Bound nesting depth, module count and module nesting, and refuse modules that contain
-    themselves; `module_classes` are the dotted names of the admitted nn.Module classes."""
+def _check_construction(path: Path, stub: _Stub, cls: type) -> None:
+    """torch.save builds objects of non-torch classes by ``cls.__new__(cls)`` then state: refuse a file
+    that *calls* an admitted class with arguments (that would run its constructor: a model's
+    ``__init__`` allocating, downloading, opening files)."""
+    args = stub.args
+    if not stub.called and not args:
+        return
+    if issubclass(cls, enum.Enum) and stub.called and len(args) == 1 and not stub.kwargs:
+        return  # Enum(value): a lookup
+    if issubclass(cls, types.SimpleNamespace) and stub.called and not args and not stub.kwargs:
+        return  # SimpleNamespace.__reduce__: cls(), then its state
+    if issubclass(cls, tuple) and not stub.called:
+        return  # a named tuple: tuple.__new__(cls, *fields)
+    raise RepfuseError(
+        f"{path.name} calls {stub.global_name} with arguments while loading, which torch.save never does",
+        "the file was crafted or written by other means; re-save the model with torch.save",
+    )
+
+
+def check_structure(path: Path, root: Any, admitted: dict[str, type], limits: Limits) -> None:
+    """Bound nesting depth, module count and module nesting, refuse modules that contain themselves
+    and admitted classes called with arguments; `admitted` maps dotted names to the classes the
+    allow-list admitted beyond torch's defaults."""
+    module_classes = {name for name, cls in admitted.items() if issubclass(cls, torch.nn.Module)}
+    for obj in _walk(root):
+        if isinstance(obj, _Stub) and obj.global_name in admitted:
+            _check_construction(path, obj, admitted[obj.global_name])
     modules = 0
     # iterative DFS with an explicit path: (object, depth, module depth, children iterator)
     on_path: set[int] = set()
