@@ -12,6 +12,10 @@ is given the resulting exact set through ``torch.serialization.safe_globals``:
 - **``--allow PREFIX``** admits, from modules named ``PREFIX`` or ``PREFIX.*``, ``nn.Module``
   subclasses and *plain data types*: ``enum.Enum`` subclasses, dataclasses, named tuples and
   ``types.SimpleNamespace`` subclasses. Never functions, methods, builtins or any other object.
+- **Bound methods.** ``builtins.getattr(obj, name)`` (how pickle stores a bound method, e.g. a
+  module attribute holding ``self.act.forward``) is admitted only as `bound_method`: ``obj`` must be
+  an ``nn.Module``, ``name`` a public identifier naming a plain function defined on its class, and
+  the result is that function bound to ``obj`` — never an instance attribute, submodule or builtin.
 - A module is imported only after its name has passed the prefix rule (importing runs its code: the
   user vouches for the packages they name). Modules that can run code or touch the system (``os``,
   ``subprocess``, ``builtins``, …) are never admitted, whatever the flags.
@@ -23,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+import inspect
 import os
+import pickle
 import sys
 import types
 from collections.abc import Iterable, Sequence
@@ -37,6 +43,7 @@ __all__ = [
     "BUILTIN_MODULE_PREFIXES",
     "DANGEROUS_MODULES",
     "admit_globals",
+    "bound_method",
     "check_allow_prefixes",
     "ensure_cwd_importable",
     "is_plain_data_type",
@@ -185,6 +192,20 @@ def resolve_exact(module_name: str, qualname: str) -> Any:
     return obj
 
 
+def bound_method(obj: Any, name: Any, *default: Any) -> types.MethodType:
+    """``getattr(obj, name)`` for unpickling, restricted to a public method of an nn.Module's class."""
+    if default or not isinstance(obj, nn.Module) or not isinstance(name, str) or not name.isidentifier() \
+            or name.startswith("_"):
+        raise pickle.UnpicklingError(f"getattr({type(obj).__name__}, {name!r}) is not a public module method")
+    func = inspect.getattr_static(type(obj), name, None)
+    if not inspect.isfunction(func):
+        raise pickle.UnpicklingError(f"{type(obj).__name__}.{name} is not a method defined on the class")
+    return types.MethodType(func, obj)
+
+
+_GETATTR = ("builtins", "getattr")
+
+
 def _kind(obj: Any) -> str:
     if isinstance(obj, type):
         return "a class that is neither an nn.Module nor a plain data type"
@@ -195,6 +216,8 @@ def _kind(obj: Any) -> str:
 
 def _check_one(module_name: str, qualname: str, allow: Sequence[str]) -> Any:
     full = f"{module_name}.{qualname}"
+    if (module_name, qualname) == _GETATTR:
+        return bound_method
     if _top(module_name) in DANGEROUS_MODULES:
         raise _Refused(full, "can run arbitrary code while loading")
     builtin = any(_prefix_match(module_name, p) for p in BUILTIN_MODULE_PREFIXES)

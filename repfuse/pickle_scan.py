@@ -332,14 +332,30 @@ def _check_construction(path: Path, stub: _Stub, cls: type) -> None:
     )
 
 
+def _check_hooks(path: Path, module: _Stub) -> None:
+    """A module's hook tables hold only callables; from a file, the only callables are bound methods
+    (`allowlist.bound_method`): refuse them there, where they would run on every forward."""
+    for state in module.state:
+        if not isinstance(state, dict):
+            continue
+        for key, table in state.items():
+            if isinstance(key, str) and "hook" in key and any(
+                    isinstance(v, _Stub) and v.global_name == "builtins.getattr" for v in _walk(table)):
+                raise RepfuseError(f"{path.name} registers a method as a {key} hook of {module.global_name}",
+                                   "save the model without hooks (remove them before torch.save)")
+
+
 def check_structure(path: Path, root: Any, admitted: dict[str, type], limits: Limits) -> None:
     """Bound nesting depth, module count and module nesting, refuse modules that contain themselves
     and admitted classes called with arguments; `admitted` maps dotted names to the classes the
     allow-list admitted beyond torch's defaults."""
-    module_classes = {name for name, cls in admitted.items() if issubclass(cls, torch.nn.Module)}
+    module_classes = {name for name, cls in admitted.items()
+                      if isinstance(cls, type) and issubclass(cls, torch.nn.Module)}
     for obj in _walk(root):
-        if isinstance(obj, _Stub) and obj.global_name in admitted:
+        if isinstance(obj, _Stub) and obj.global_name in admitted and isinstance(admitted[obj.global_name], type):
             _check_construction(path, obj, admitted[obj.global_name])
+        if isinstance(obj, _Stub) and obj.global_name in module_classes:
+            _check_hooks(path, obj)
     modules = 0
     # iterative DFS with an explicit path: (object, depth, module depth, children iterator)
     on_path: set[int] = set()

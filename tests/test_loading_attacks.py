@@ -384,3 +384,53 @@ def test_every_safetensors_header_length_is_recognised(tmp_path: Path) -> None:
         seen.add(low)
         assert rio.file_kind(path) == "safetensors", low
     assert 0x80 in seen
+
+
+# ---------------------------------------------------------------------------------------------
+# bound methods (pickled as getattr(obj, name))
+
+
+def test_bound_method_of_a_module_loads(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    model.act = model[0].forward  # what mmpretrain-style blocks store
+    path = tmp_path / "bm.pt"
+    torch.save({"model": model}, path)
+    loaded = rio.load_checkpoint(path).model
+    assert loaded.act.__self__ is loaded[0] and loaded.act.__func__ is nn.Linear.forward
+
+
+@pytest.mark.parametrize(("target", "name"), [
+    ("torch.nn.modules.linear", "__init__"),  # not public
+    ("torch.nn.modules.linear", "_apply"),
+    ("torch.nn.modules.linear", "training"),  # an attribute, not a method
+    ("torch.nn.modules.linear", "weight"),
+])
+def test_getattr_is_restricted_to_public_module_methods(tmp_path: Path, target: str, name: str) -> None:
+    lin = nn.Linear(2, 2)
+
+    class Ref:
+        def __reduce__(self):
+            return (getattr, (lin, name))
+
+    path = tmp_path / "ga.pt"
+    torch.save({"model": nn.Identity(), "x": Ref()}, path)
+    with pytest.raises(RepfuseError):
+        rio.load_object(path)
+    for obj, attr in [("x", "upper"), (OrderedDict(), "clear"), (torch.ones(1), "numpy")]:
+        class Other:
+            def __reduce__(self, obj=obj, attr=attr):
+                return (getattr, (obj, attr))
+
+        torch.save({"x": Other()}, path)
+        with pytest.raises(RepfuseError):
+            rio.load_object(path)
+
+
+def test_bound_method_hooks_are_refused(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    model.register_forward_pre_hook(model[0].extra_repr)
+    path = tmp_path / "hook.pt"
+    torch.save(model, path)
+    with pytest.raises(RepfuseError) as err:
+        rio.load_checkpoint(path)
+    assert "hook" in err.value.message
