@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
+import io
 import json
 import logging
 import warnings
@@ -182,11 +184,21 @@ def _dynamic_batch(ep: torch.export.ExportedProgram) -> bool:
     return False
 
 
+def _takes_var_positional(model: nn.Module) -> bool:
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0].kind is inspect.Parameter.VAR_POSITIONAL
+
+
 def export_program(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     """`torch.export` the deploy model on `inputs` (non-strict), with the batch dimension dynamic
     where the model allows it (`Dim.AUTO`: specialised otherwise). RepfuseError when it cannot."""
     auto = getattr(torch.export.Dim, "AUTO", None)  # torch < 2.6: a static program
-    dynamic = tuple({0: auto} if x.dim() > 0 and auto is not None else None for x in inputs)
+    dynamic: Any = tuple({0: auto} if x.dim() > 0 and auto is not None else None for x in inputs)
+    if _takes_var_positional(model):  # forward(*args) (a GraphBlock): one entry, for `args`
+        dynamic = (dynamic,)
     try:
         with _quiet(), torch.no_grad():
             return torch.export.export(model.eval(), inputs, dynamic_shapes=dynamic, strict=False)
@@ -214,8 +226,13 @@ def write_pt2(model: nn.Module, inputs: tuple[torch.Tensor, ...], dst: Path | st
     errors: list[float] = []
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f, _quiet():
-            torch.export.save(ep, f)
+        # into memory first: torch's zip writer, when a write to the file fails (a full disk, a size
+        # limit), throws again from its destructor later and aborts the process
+        buffer = io.BytesIO()
+        with _quiet():
+            torch.export.save(ep, buffer)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
 
     def check(tmp: Path) -> None:
         with _quiet():
