@@ -130,14 +130,21 @@ def _site_errors(result: FuseResult) -> list[tuple[str, float]]:
     return [(s.module, s.max_abs_error or 0.0) for s in result.sites]
 
 
+def limits(options: Options) -> rio.Limits:
+    """The loading bounds of `options` (--max-inflate, --max-modules); the defaults where unset."""
+    bounds = {k: v for k, v in (("max_inflate_bytes", options.max_inflate_bytes),
+                                ("max_modules", options.max_modules)) if v is not None}
+    return replace(rio.Limits(), **bounds)
+
+
 def _load(src: Path, options: Options, clock: _Clock) -> rio.LoadedCheckpoint:
     """The train-time model: a whole pickled model, or a state_dict put into the --model factory.
     Weights with NaN or Inf are refused here."""
     with clock.stage("load", f"loading {src}"):
         if options.model:
             return weights.load_into_factory(src, options.model, options.model_args, allow=options.allow,
-                                             trust=options.trust)
-        loaded = rio.load_checkpoint(src, allow=options.allow, trust=options.trust)
+                                             trust=options.trust, limits=limits(options))
+        loaded = rio.load_checkpoint(src, allow=options.allow, trust=options.trust, limits=limits(options))
         weights.check_finite(weights.model_tensors(loaded.model), src.name)
         return loaded
 
@@ -241,7 +248,7 @@ def convert_file(src: Path, dst: Path, options: Options, progress: Progress | No
                          "(convert a float32 copy of the checkpoint instead)")
     inputs = verify.make_inputs(result.input_shapes, loaded.dtype, options.seed)
     with clock.stage("save", f"writing {dst}"):
-        output = _write(fmt, dst, loaded, deployed, report, inputs)
+        output = _write(fmt, dst, loaded, deployed, report, inputs, limits(options))
         if options.keymap is not None and deployed.keymap is not None:
             text = deployed.keymap.to_json().encode("utf-8")
             output["keymap"] = {"path": str(options.keymap),
@@ -255,7 +262,7 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed, report: Report,
-           inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+           inputs: tuple[torch.Tensor, ...], bounds: rio.Limits | None = None) -> dict[str, Any]:
     """Write OUT in `fmt`; every writer checks the written file before it replaces `dst`."""
     extra: dict[str, Any] = {}
     if deployed.spec:
@@ -272,10 +279,10 @@ def _write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed
         reference = verify.run(deployed.model, inputs)
 
         def check_model(tmp: Path) -> None:
-            again = rio.load_checkpoint(tmp, allow=loaded.allow, trust=loaded.trust)
+            again = rio.load_checkpoint(tmp, allow=loaded.allow, trust=loaded.trust, limits=bounds)
             _same(reference, verify.run(again.model.eval(), inputs), dst)
 
-        digest = rio.save_checkpoint(loaded, deployed.model, dst, check=check_model)
+        digest = rio.save_checkpoint(loaded, deployed.model, dst, check=check_model, limits=bounds)
         return {"sha256": digest, "content": "model", **extra,
                 "check": "reloaded with torch.load(weights_only=True); outputs identical"}
     # a state_dict in, or the user's deploy model: the input's container, the state_dict replaced
@@ -283,7 +290,7 @@ def _write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed
     reference = verify.run(deployed.model, inputs)
 
     def check_state(tmp: Path) -> None:
-        obj, _ = rio.load_object(tmp, allow=loaded.allow, trust=loaded.trust)
+        obj, _ = rio.load_object(tmp, allow=loaded.allow, trust=loaded.trust, limits=bounds)
         again = obj if loaded.key is None else obj[loaded.key]
         if set(again) != set(state) or any(again[k].dtype != v.dtype or not torch.equal(again[k], v)
                                            for k, v in state.items()):
@@ -294,7 +301,7 @@ def _write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed
 
     obj = rio.replace_in_container(loaded.container, loaded.key, state)
     digest = rio.save_object(obj, dst, inputs=(loaded.path,), allow=loaded.allow, trust=loaded.trust,
-                             check=check_state)
+                             check=check_state, limits=bounds)
     return {"sha256": digest, "content": "state_dict", "container_key": loaded.key, **extra,
             "check": "reloaded with torch.load(weights_only=True); every tensor identical; outputs identical"}
 
@@ -362,7 +369,8 @@ def _load_against(path: Path, loaded: rio.LoadedCheckpoint, options: Options, pr
                   clock: _Clock) -> rio.LoadedCheckpoint:
     """`verify --against`: a whole model, or weights put into the deploy structure they belong to."""
     with clock.stage("load", f"loading {path}"):
-        obj, digest, fmt = weights.read_weights(path, allow=options.allow, trust=options.trust)
+        obj, digest, fmt = weights.read_weights(path, allow=options.allow, trust=options.trust,
+                                                limits=limits(options))
         model, key = rio.find_model(obj)
         if model is not None and not options.deploy_model:
             weights.check_finite(weights.model_tensors(model), path.name)

@@ -8,7 +8,7 @@ Exit codes:
     1    verification failed (convert: nothing written; verify: outputs differ)
     2    usage or input error: one `error:` line and one `hint:` line on stderr
     3    internal error (a bug in repfuse): `error: internal error: <type>: <message>`
-    130  interrupted (Ctrl-C)
+    130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM): temporary files removed, OUT untouched
 With REPFUSE_DEBUG=1 the Python traceback is printed on stderr before the error lines.
 """
 
@@ -28,11 +28,32 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from . import __version__, api, factory
+from . import __version__, api
+from . import cli_common as common
 from . import report as rpt
-from .types import Options, RepfuseError, Report, VerificationFailed
-
-EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from .cli_common import (
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_VERIFY_FAILED,
+    AllowOpt,
+    AtolOpt,
+    DeployModelArgOpt,
+    DeployModelOpt,
+    InputShapeOpt,
+    JsonOpt,
+    MaxInflateOpt,
+    MaxModulesOpt,
+    ModelArgOpt,
+    ModelOpt,
+    QuietOpt,
+    ReportOpt,
+    RtolOpt,
+    SeedOpt,
+    TrialsOpt,
+    TrustOpt,
+)
+from .types import RepfuseError, Report, VerificationFailed
 
 app = typer.Typer(
     name="repfuse",
@@ -44,155 +65,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# ---------------------------------------------------------------------------------------------
-# shared options
-
-InputShapeOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--input-shape", "-s", metavar="SHAPE",
-        help="Input shape, e.g. 1,3,224,224 or 1x3x224x224; repeat once per model input. "
-        "Default: inferred from the first layer.",
-    ),
-]
-AllowOpt = Annotated[
-    list[str] | None,
-    typer.Option("--allow", metavar="PREFIX",
-                 help="Module prefix whose classes may be unpickled (repeatable), e.g. --allow models."),
-]
-TrustOpt = Annotated[
-    bool, typer.Option("--trust", help="Allow full, UNSAFE unpickling (runs code from the file).")
-]
-AtolOpt = Annotated[
-    float | None, typer.Option("--atol", metavar="F", help="Absolute tolerance. Default: by model dtype.")
-]
-RtolOpt = Annotated[
-    float | None, typer.Option("--rtol", metavar="F", help="Relative tolerance. Default: by model dtype.")
-]
-SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random test inputs.")]
-TrialsOpt = Annotated[int, typer.Option("--trials", metavar="N", help="Number of random test batches.")]
-ReportOpt = Annotated[
-    Path | None,
-    typer.Option("--report", metavar="FILE", dir_okay=False,
-                 help="Also write the report to FILE.json (schema 1) or FILE.md."),
-]
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print the JSON report on stdout instead of the tables.")
-]
-QuietOpt = Annotated[
-    bool, typer.Option("--quiet", "-q", help="No report and no progress; errors and warnings only.")
-]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", metavar="MODULE:CALLABLE",
-                 help="Build the architecture for a state_dict / .safetensors IN, e.g. timm:create_model "
-                 "(imports MODULE: your own code)."),
-]
-ModelArgOpt = Annotated[
-    list[str] | None,
-    typer.Option("--model-arg", metavar="KEY=VALUE",
-                 help="Keyword argument for --model (repeatable); values parse as int, float, bool, None or str."),
-]
-DeployModelOpt = Annotated[
-    str | None,
-    typer.Option("--deploy-model", metavar="MODULE:CALLABLE",
-                 help="Your own deploy-mode architecture: the fused weights are mapped onto it by structure, "
-                 "verified, and written under its key names."),
-]
-DeployModelArgOpt = Annotated[
-    list[str] | None,
-    typer.Option("--deploy-model-arg", metavar="KEY=VALUE", help="Keyword argument for --deploy-model (repeatable)."),
-]
-
-_SHAPE_HINT = "write each shape as 1,3,224,224 or 1x3x224x224, one --input-shape per model input"
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'1,3,224,224' / '1x3x224x224' / '(1, 3, 224, 224)' → (1, 3, 224, 224); RepfuseError otherwise."""
-    body = text.strip().strip("()[]").strip()
-    parts = [p.strip() for p in re.split(r"[,x×X]", body)] if body else []
-    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise RepfuseError(f"malformed --input-shape {text!r}: expected positive integers", _SHAPE_HINT)
-    return tuple(int(p) for p in parts)
-
-
-def _tolerance(name: str, value: float | None) -> float | None:
-    if value is not None and not (value >= 0 and value != float("inf")):
-        raise RepfuseError(f"--{name} must be a finite number >= 0, got {value}",
-                           f"for example --{name} 1e-4; omit it to use the default for the model dtype")
-    return value
-
-
-def _factory(flag: str, spec: str | None, args: list[str] | None) -> tuple[str | None, tuple[tuple[str, object], ...]]:
-    if spec is None:
-        if args:
-            raise RepfuseError(f"{flag}-arg given without {flag}",
-                               f"pass {flag} MODULE:CALLABLE that takes the arguments")
-        return None, ()
-    module, attr = factory.parse_spec(spec, flag)
-    return f"{module}:{attr}", factory.parse_model_args(args, f"{flag}-arg")
-
-
-def build_options(
-    input_shape: list[str] | None = None, allow: list[str] | None = None, trust: bool = False,
-    atol: float | None = None, rtol: float | None = None, seed: int = 0, trials: int = 3,
-    force: bool = False, *, model: str | None = None, model_arg: list[str] | None = None,
-    deploy_model: str | None = None, deploy_model_arg: list[str] | None = None, keymap: Path | None = None,
-) -> Options:
-    """Map CLI flag values onto `types.Options` (validating what the parser cannot)."""
-    if trials < 1:
-        raise RepfuseError(f"--trials must be at least 1, got {trials}", "for example --trials 3")
-    if seed < 0:
-        raise RepfuseError(f"--seed must be >= 0, got {seed}", "for example --seed 0")
-    for prefix in allow or ():
-        if not prefix.strip() or any(c.isspace() for c in prefix):
-            raise RepfuseError(f"malformed --allow {prefix!r}",
-                               "give a dotted module prefix, e.g. --allow models or --allow mypkg.nets")
-    model_spec, model_args = _factory("--model", model, model_arg)
-    deploy_spec, deploy_args = _factory("--deploy-model", deploy_model, deploy_model_arg)
-    return Options(
-        input_shapes=tuple(parse_shape(s) for s in input_shape) if input_shape else None,
-        allow=tuple(p.strip() for p in allow or ()),
-        trust=trust,
-        atol=_tolerance("atol", atol),
-        rtol=_tolerance("rtol", rtol),
-        seed=seed,
-        trials=trials,
-        force=force,
-        model=model_spec,
-        model_args=model_args,
-        deploy_model=deploy_spec,
-        deploy_model_args=deploy_args,
-        keymap=str(keymap) if keymap is not None else None,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# path checks (cheap, before anything slow runs)
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
-        with contextlib.suppress(OSError):
-            return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
-
-
-def _existing_file(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise RepfuseError(f"{what} not found: {path}", "check the path (and the current directory)")
-    if not path.is_file():
-        raise RepfuseError(f"{what} is not a file: {path}", "give the path of a checkpoint file")
-    return path
-
-
-def _check_report_path(report_path: Path | None, *others: Path) -> None:
-    if report_path is None:
-        return
-    rpt.report_format(report_path)
-    for other in others:
-        if _same_path(report_path, other):
-            raise RepfuseError(f"--report would overwrite {other}", "choose another --report path")
+parse_shape = common.parse_shape
+build_options = common.build_options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,14 +83,19 @@ def _print_error(err: Console, message: str, hint: str) -> None:
 
 
 @contextlib.contextmanager
-def _progress(err: Console, quiet: bool) -> Iterator[api.Progress | None]:
-    """A spinner on stderr fed by the api's progress callback (only on a terminal, never with --quiet)."""
+def _progress(err: Console, quiet: bool, signals: common.Signals) -> Iterator[api.Progress]:
+    """The api's progress callback: a spinner on stderr (only on a terminal, never with --quiet),
+    and at every stage boundary a check for a signal that a library may have swallowed."""
     if quiet or not err.is_terminal:
-        yield None
+        def check(message: str) -> None:
+            signals.check()
+
+        yield check
         return
     with err.status("repfuse: starting") as status:
 
         def update(message: str) -> None:
+            signals.check()
             status.update(f"repfuse: {escape(str(message))}")
 
         yield update
@@ -241,28 +120,38 @@ def _consoles() -> tuple[Console, Console]:
     return Console(), Console(stderr=True)
 
 
-def _guard(err: Console, body: Callable[[], int]) -> None:
-    """Run a command body; map exceptions to one-line messages and exit codes; always exits."""
+def _guard(err: Console, body: Callable[[common.Signals], int]) -> None:
+    """Run a command body with SIGINT/SIGTERM turned into KeyboardInterrupt; map exceptions to
+    one-line messages and exit codes; always exits."""
     debug = os.environ.get("REPFUSE_DEBUG", "") not in ("", "0")
-    try:
-        code = body()
-    except RepfuseError as e:
-        if debug:
-            traceback.print_exc(file=sys.stderr)
-        _print_error(err, e.message,
-                     e.hint or "run the command with --help for usage")
-        code = EXIT_USAGE
-    except KeyboardInterrupt:
-        err.print(Text("error: interrupted", style="bold red"))
-        code = EXIT_INTERRUPTED
-    except Exception as e:
-        if debug:
-            traceback.print_exc(file=sys.stderr)
-        msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        _print_error(err, f"internal error: {msg}",
-                     "rerun with REPFUSE_DEBUG=1 for the traceback and report it")
-        code = EXIT_INTERNAL
+    signals = common.Signals()
+    with signals.installed():
+        try:
+            code = body(signals)
+        except BaseException as e:
+            code = _failure(err, e, signals, debug)
     raise typer.Exit(code)
+
+
+def _failure(err: Console, e: BaseException, signals: common.Signals, debug: bool) -> int:
+    if isinstance(e, typer.Exit):
+        return e.exit_code
+    if signals.received is not None or common.interrupted_in(e):
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        name = "terminated" if signals.exit_code() == common.EXIT_TERMINATED else "interrupted"
+        err.print(Text(f"error: {name}", style="bold red"), soft_wrap=True)
+        return signals.exit_code()
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    if isinstance(e, RepfuseError):
+        _print_error(err, e.message, e.hint or "run the command with --help for usage")
+        return EXIT_USAGE
+    if not isinstance(e, Exception):
+        raise e
+    msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    _print_error(err, f"internal error: {msg}", "rerun with REPFUSE_DEBUG=1 for the traceback and report it")
+    return EXIT_INTERNAL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +184,8 @@ def convert(
     rtol: RtolOpt = None,
     seed: SeedOpt = 0,
     trials: TrialsOpt = 3,
+    max_inflate: MaxInflateOpt = common.DEFAULT_MAX_INFLATE_MIB,
+    max_modules: MaxModulesOpt = common.DEFAULT_MAX_MODULES,
     force: Annotated[bool, typer.Option("--force", help="Write OUT even if verification fails.")] = False,
     model: ModelOpt = None,
     model_arg: ModelArgOpt = None,
@@ -315,21 +206,22 @@ def convert(
     metadata), .pt2 (torch.export program), .onnx (needs repfuse[onnx])."""
     out, err = _consoles()
 
-    def body() -> int:
+    def body(signals: common.Signals) -> int:
         options = build_options(input_shape, allow, trust, atol, rtol, seed, trials, force, model=model,
                                 model_arg=model_arg, deploy_model=deploy_model, deploy_model_arg=deploy_model_arg,
-                                keymap=keymap)
-        _existing_file(src, "input file")
-        if _same_path(src, dst):
+                                keymap=keymap, max_inflate=max_inflate, max_modules=max_modules)
+        common.existing_file(src, "input file")
+        if common.same_path(src, dst):
             raise RepfuseError(f"OUT is the same file as IN: {dst}",
                                "choose a different OUT path; repfuse never overwrites its input")
         if dst.is_dir():
             raise RepfuseError(f"OUT is a directory: {dst}", "give OUT as a file path, e.g. model_deploy.pt")
         api.check_outputs(src, dst, options)
-        _check_report_path(report_path, src, dst, *([keymap] if keymap is not None else []))
+        common.check_keymap_path(keymap, dst)
+        common.check_report_path(report_path, (src,), (dst, *([keymap] if keymap is not None else [])))
 
         failed = False
-        with _progress(err, quiet) as progress:
+        with _progress(err, quiet, signals) as progress:
             try:
                 report = api.convert_file(src, dst, options, progress)
             except VerificationFailed as e:
@@ -366,6 +258,8 @@ def verify(
     rtol: RtolOpt = None,
     seed: SeedOpt = 0,
     trials: TrialsOpt = 3,
+    max_inflate: MaxInflateOpt = common.DEFAULT_MAX_INFLATE_MIB,
+    max_modules: MaxModulesOpt = common.DEFAULT_MAX_MODULES,
     model: ModelOpt = None,
     model_arg: ModelArgOpt = None,
     deploy_model: DeployModelOpt = None,
@@ -380,15 +274,16 @@ def verify(
     when given, else into repfuse's deploy model rebuilt from IN."""
     out, err = _consoles()
 
-    def body() -> int:
+    def body(signals: common.Signals) -> int:
         options = build_options(input_shape, allow, trust, atol, rtol, seed, trials, model=model,
-                                model_arg=model_arg, deploy_model=deploy_model, deploy_model_arg=deploy_model_arg)
-        _existing_file(src, "input file")
+                                model_arg=model_arg, deploy_model=deploy_model, deploy_model_arg=deploy_model_arg,
+                                max_inflate=max_inflate, max_modules=max_modules)
+        common.existing_file(src, "input file")
         if against is not None:
-            _existing_file(against, "--against file")
-        _check_report_path(report_path, *(p for p in (src, against) if p is not None))
+            common.existing_file(against, "--against file")
+        common.check_report_path(report_path, tuple(p for p in (src, against) if p is not None))
 
-        with _progress(err, quiet) as progress:
+        with _progress(err, quiet, signals) as progress:
             try:
                 report = api.verify_file(src, options, against, progress)
             except VerificationFailed as e:
@@ -415,6 +310,8 @@ def inspect(
     input_shape: InputShapeOpt = None,
     allow: AllowOpt = None,
     trust: TrustOpt = False,
+    max_inflate: MaxInflateOpt = common.DEFAULT_MAX_INFLATE_MIB,
+    max_modules: MaxModulesOpt = common.DEFAULT_MAX_MODULES,
     model: ModelOpt = None,
     model_arg: ModelArgOpt = None,
     report_path: ReportOpt = None,
@@ -424,11 +321,12 @@ def inspect(
     """Show which sites would be fused and why others would not. Converts and writes nothing."""
     out, err = _consoles()
 
-    def body() -> int:
-        options = build_options(input_shape, allow, trust, model=model, model_arg=model_arg)
-        _existing_file(src, "input file")
-        _check_report_path(report_path, src)
-        with _progress(err, quiet) as progress:
+    def body(signals: common.Signals) -> int:
+        options = build_options(input_shape, allow, trust, model=model, model_arg=model_arg,
+                                max_inflate=max_inflate, max_modules=max_modules)
+        common.existing_file(src, "input file")
+        common.check_report_path(report_path, (src,))
+        with _progress(err, quiet, signals) as progress:
             report = api.inspect_file(src, options, progress)
         _emit(report, out, err, as_json=as_json, quiet=quiet, report_path=report_path)
         return EXIT_OK

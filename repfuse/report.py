@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -310,9 +309,13 @@ def report_format(path: Path) -> str:
 
 
 def write_report(report: Report, path: Path) -> None:
-    """Write the report as JSON or Markdown (by suffix), atomically (temp file + os.replace)."""
+    """Write the report as JSON or Markdown (by suffix), atomically (see `writing.atomic_write`:
+    a locked temporary file, then os.replace; mode 0644 under the usual umask)."""
+    from .writing import atomic_write
+
     path = Path(path)
     text = to_json(report) if report_format(path) == "json" else to_markdown(report)
+    data = (text if text.endswith("\n") else text + "\n").encode("utf-8")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise RepfuseError(f"cannot write report {path}: directory {parent} does not exist",
@@ -320,24 +323,7 @@ def write_report(report: Report, path: Path) -> None:
     if path.is_dir():
         raise RepfuseError(f"cannot write report {path}: it is a directory",
                            "give --report a file name ending in .json or .md")
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text if text.endswith("\n") else text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise RepfuseError(f"cannot write report {path}: {e.strerror or e}",
-                           "check that the directory is writable, or choose another --report path") from e
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 # ---------------------------------------------------------------------------------------------

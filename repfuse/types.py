@@ -47,6 +47,8 @@ class Verification:
     dtype: str
     worst_sites: tuple[tuple[str, float], ...] = ()  # (module, float64 error) largest first
     message: str = ""
+    # every input shape set checked, the given one first (then other sizes / batch sizes, see Options)
+    shapes_checked: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,3 +125,8 @@ class Options:
     deploy_model: str | None = None  # "MODULE:CALLABLE" building the user's own deploy-mode model
     deploy_model_args: tuple[tuple[str, Any], ...] = ()  # keyword arguments of `deploy_model`
     keymap: str | None = None  # convert: write the deploy-model key mapping (JSON) to this path
+    # verification at other input shapes, each a shape set (one shape per input): None checks one other
+    # spatial size of the other parity with batch + 1 where the model accepts it; () checks none
+    verify_shapes: tuple[tuple[tuple[int, ...], ...], ...] | None = None
+    max_inflate_bytes: int | None = None  # bound: bytes tensors may declare beyond the file size (None: default)
+    max_modules: int | None = None  # bound: modules a pickled model may hold (None: default)

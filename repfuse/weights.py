@@ -54,13 +54,14 @@ def _shape(t: torch.Tensor | torch.Size) -> str:
 # reading
 
 
-def read_weights(path: Path | str, *, allow: Sequence[str] = (), trust: bool = False) -> tuple[Any, str, str]:
+def read_weights(path: Path | str, *, allow: Sequence[str] = (), trust: bool = False,
+                 limits: rio.Limits | None = None) -> tuple[Any, str, str]:
     """(object, sha256, file format) of a torch.save file or a .safetensors file, loaded on the CPU
-    without running code (torch files: `io.load_object`'s rules)."""
+    without running code (torch files: `io.load_object`'s rules, within `limits`)."""
     path = Path(path)
     kind = rio.file_kind(path)
     if kind != "safetensors":
-        obj, digest = rio.load_object(path, allow=allow, trust=trust)
+        obj, digest = rio.load_object(path, allow=allow, trust=trust, limits=limits)
         return obj, digest, "torch"
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -176,13 +177,14 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def load_into_factory(path: Path | str, spec: str, args: Sequence[tuple[str, Any]] = (), *,
-                      allow: Sequence[str] = (), trust: bool = False, flag: str = "--model") -> rio.LoadedCheckpoint:
+                      allow: Sequence[str] = (), trust: bool = False, flag: str = "--model",
+                      limits: rio.Limits | None = None) -> rio.LoadedCheckpoint:
     """Read the state_dict in `path` (safely), build the architecture with `spec(**args)`, and load
     the weights into it strictly. The file is read and checked before the factory's module is
     imported, so a bad file never runs user code."""
     path = Path(path)
     allow = rio.check_allow_prefixes(allow)
-    obj, digest, fmt = read_weights(path, allow=allow, trust=trust)
+    obj, digest, fmt = read_weights(path, allow=allow, trust=trust, limits=limits)
     state, key = find_state_dict(obj, path)
     check_finite(state.items(), f"{path.name}")
     model = factory.build_model(spec, args, flag)
