@@ -2,160 +2,45 @@
 
 A GraphBlock keeps the original children (so the state_dict keys of every untouched layer stay as
 they were) and stores its forward as a *program*: the traced fx graph written as plain data
-(strings, numbers, tuples). It is run by a small interpreter that only resolves functions from
-torch, operator and math. Nothing in a deploy file is code, so it loads with
-``torch.load(weights_only=True)`` once this class is allow-listed, and with plain pickle wherever
-repfuse is importable.
+(strings, numbers, tuples). The program is checked against the closed schema of `repfuse.program`
+(listed tensor functions and methods, registered targets, tagged constants) when the block is built,
+when it is unpickled and before fx generates its forward, so nothing in a deploy file is code: it
+loads with ``torch.load(weights_only=True)`` once this class is allow-listed, and a tampered program
+is refused there with `InvalidProgram` before anything runs.
 """
 
 from __future__ import annotations
 
-import builtins
 import inspect
-from collections.abc import Callable
+import re
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.node import _get_qualified_name
 
-_SAFE_BUILTINS = {"getattr", "len", "int", "float", "bool", "tuple", "list", "slice", "range", "max", "min",
-                  "abs", "isinstance"}
-_ENUMS: dict[str, Callable[[str], Any]] = {
-    "dtype": lambda s: getattr(torch, s),
-    "device": torch.device,
-    "memory_format": lambda s: getattr(torch, s),
-    "layout": lambda s: getattr(torch, s),
-}
+from .program import (
+    MAX_STR,
+    InvalidProgram,
+    UnsupportedProgram,
+    check_program,
+    decode,
+    encode,
+    function_name,
+    resolve_function,
+)
 
+__all__ = ["GraphBlock", "InvalidProgram", "UnsupportedProgram", "graph_to_program", "resolve_function"]
 
-class UnsupportedProgram(Exception):
-    """The graph uses something a program cannot name safely (a user function, an odd constant)."""
-
-
-def function_name(fn: Callable[..., Any]) -> str:
-    """Qualified name of a call_function target, checked against the safe roots."""
-    if getattr(builtins, getattr(fn, "__name__", ""), None) is fn and fn.__name__ in _SAFE_BUILTINS:
-        return fn.__name__
-    name = _get_qualified_name(fn)
-    try:
-        resolved = resolve_function(name)
-    except UnsupportedProgram as exc:
-        raise UnsupportedProgram(f"the forward calls {name}, which a deploy file cannot name safely") from exc
-    if resolved is not fn and not (name.startswith("torch.") and getattr(resolved, "__name__", None) == fn.__name__):
-        raise UnsupportedProgram(f"{name} does not name the function the forward calls")
-    return name
+Program = list[tuple[str, str, str, Any, Any]]
+_MODULE_STATE = frozenset(vars(nn.Module()))  # the attributes nn.Module.__init__ sets
+_STATE = _MODULE_STATE | {"program", "source_class", "_steps"}
+_PLAIN = (type(None), bool, int, float, str)
 
 
-def resolve_function(name: str) -> Callable[..., Any]:
-    """Inverse of `function_name`: only tensor maths from a fixed set of namespaces resolves, so a
-    program read from a file can never reach torch.load, importlib, attrgetter & co."""
-    if "." not in name:
-        if name not in _SAFE_BUILTINS:
-            raise UnsupportedProgram(f"builtin {name} is not allowed in a program")
-        return _safe_getattr if name == "getattr" else getattr(builtins, name)
-    namespace, _, attr = name.rpartition(".")
-    root = _namespaces().get(namespace)
-    private = attr.startswith("_") and attr not in _ALLOWED_PRIVATE
-    if root is None or private or attr in _DENIED.get(namespace, ()) or attr.startswith("set_"):
-        raise UnsupportedProgram(f"{name} is not allowed in a program")
-    obj = getattr(root, attr, None)
-    if not callable(obj) or isinstance(obj, type):
-        raise UnsupportedProgram(f"cannot resolve {name}")
-    if namespace == "torch" and getattr(obj, "__module__", None) not in (None, "torch", "torch.functional",
-                                                                        "torch._C._VariableFunctions"):
-        raise UnsupportedProgram(f"{name} is not a tensor operation")
-    return obj
-
-
-_ALLOWED_PRIVATE = {"_assert"}  # torch._assert: the traceable assert timm's layers use
-_DENIED = {
-    "torch": {"compile", "manual_seed", "seed", "initial_seed", "use_deterministic_algorithms", "load", "save",
-              "export", "cond", "while_loop", "vmap", "func"},
-    "operator": {"attrgetter", "methodcaller", "call"},
-    "_operator": {"attrgetter", "methodcaller", "call"},
-}
-
-
-def _namespaces() -> dict[str, Any]:
-    import math
-    import operator
-
-    import torch.nn.functional as F
-
-    return {"torch": torch, "torch.functional": torch.functional, "torch.nn.functional": F,
-            "torch._C._nn": torch._C._nn, "torch.fft": torch.fft, "torch.linalg": torch.linalg,
-            "torch.special": torch.special, "operator": operator, "_operator": operator, "math": math}
-
-
-def _safe_getattr(obj: Any, name: str, *default: Any) -> Any:
-    """getattr for programs: public attributes only (x.shape, x.ndim), never dunders."""
-    if not isinstance(name, str) or name.startswith("_"):
-        raise UnsupportedProgram(f"attribute {name!r} is not allowed in a program")
-    return getattr(obj, name, *default)
-
-
-def encode(value: Any) -> Any:
-    """fx argument → plain data: every value becomes a (tag, payload) tuple."""
-    if isinstance(value, fx.Node):
-        return ("N", value.name)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return ("V", value)
-    if isinstance(value, torch.Size):
-        return ("T", [encode(v) for v in value])
-    if isinstance(value, tuple):
-        return ("T", [encode(v) for v in value])
-    if isinstance(value, list):
-        return ("L", [encode(v) for v in value])
-    if isinstance(value, dict):
-        return ("D", [(k, encode(v)) for k, v in value.items()])
-    if isinstance(value, slice):
-        return ("S", [encode(value.start), encode(value.stop), encode(value.step)])
-    if value is Ellipsis:
-        return ("E", None)
-    if isinstance(value, torch.dtype):
-        return ("dtype", str(value).removeprefix("torch."))
-    if isinstance(value, torch.device):
-        return ("device", str(value))
-    if isinstance(value, torch.memory_format):
-        return ("memory_format", str(value).removeprefix("torch."))
-    if isinstance(value, torch.layout):
-        return ("layout", str(value).removeprefix("torch."))
-    raise UnsupportedProgram(f"constant of type {type(value).__name__} cannot be stored in a program")
-
-
-def _decoder(enc: Any) -> Callable[[dict[str, Any]], Any]:
-    """Plain data → a function of the environment (node name → value)."""
-    tag, payload = enc
-    if tag == "N":
-        return lambda env: env[payload]
-    if tag == "V":
-        return lambda env: payload
-    if tag in ("T", "L"):
-        parts = [_decoder(p) for p in payload]
-        if all(p[0] == "V" for p in payload):
-            const = tuple(p[1] for p in payload) if tag == "T" else None
-            if const is not None:
-                return lambda env: const
-        make = tuple if tag == "T" else list
-        return lambda env: make(p(env) for p in parts)
-    if tag == "D":
-        items = [(k, _decoder(v)) for k, v in payload]
-        return lambda env: {k: v(env) for k, v in items}
-    if tag == "S":
-        a, b, c = (_decoder(p) for p in payload)
-        return lambda env: slice(a(env), b(env), c(env))
-    if tag == "E":
-        return lambda env: Ellipsis
-    if tag in _ENUMS:
-        value = _ENUMS[tag](payload)
-        return lambda env: value
-    raise UnsupportedProgram(f"unknown tag {tag!r} in program")
-
-
-def graph_to_program(graph: fx.Graph) -> list[tuple[str, str, str, Any, Any]]:
-    """An fx graph as a list of (name, op, target, args, kwargs) in plain data."""
+def graph_to_program(graph: fx.Graph) -> Program:
+    """An fx graph as a list of (name, op, target, args, kwargs) in plain data; UnsupportedProgram
+    when the graph needs anything the schema of `repfuse.program` does not admit."""
     program = []
     for node in graph.nodes:
         if node.op == "call_function":
@@ -165,17 +50,51 @@ def graph_to_program(graph: fx.Graph) -> list[tuple[str, str, str, Any, Any]]:
         else:
             raise UnsupportedProgram(f"node {node.name} has a non-string target")
         program.append((node.name, node.op, target, encode(node.args), encode(node.kwargs)))
+    try:
+        check_program(program)
+    except InvalidProgram as exc:
+        raise UnsupportedProgram(f"the forward cannot be stored as a checked program: {exc.message}") from exc
     return program
+
+
+def _check_state(state: Any) -> None:
+    """An unpickled GraphBlock has the attributes a GraphBlock has, and nothing callable of its own."""
+    if type(state) is not dict or "program" not in state:
+        raise InvalidProgram("the state of a GraphBlock is a dict that holds its program")
+    for key, value in state.items():
+        if type(key) is not str:
+            raise InvalidProgram("a GraphBlock attribute name is not a string")
+        if key not in _STATE:
+            if hasattr(GraphBlock, key) or type(value) not in _PLAIN:
+                raise InvalidProgram(f"a GraphBlock does not have an attribute {key[:80]!r}")
+        elif "hook" in key and not (value is None or type(value) is bool if key == "_is_full_backward_hook"
+                                    else isinstance(value, dict) and not value):
+            raise InvalidProgram(f"the GraphBlock carries {key}: hooks are code, a deploy file holds none")
+    kinds = {"_parameters": nn.Parameter, "_buffers": torch.Tensor, "_modules": nn.Module}
+    for key, kind in kinds.items():
+        entries = state.get(key, {})
+        if not isinstance(entries, dict) or not all(
+                type(k) is str and (v is None or isinstance(v, kind)) for k, v in entries.items()):
+            raise InvalidProgram(f"{key} of the GraphBlock must map names to {kind.__name__} objects")
+    source = state.get("source_class", "")
+    if type(source) is not str or len(source) > MAX_STR or state.get("_steps") is not None \
+            or type(state.get("training", False)) is not bool:
+        raise InvalidProgram("the GraphBlock's source_class, training or _steps attribute is malformed")
 
 
 class GraphBlock(nn.Module):
     """A module whose forward is a stored program over its own children, parameters and buffers.
 
-    `source_class` records what the module was before repfuse rewrote it (for reports only).
+    `source_class` records what the module was before repfuse rewrote it (for reports only). The
+    program is checked by `repfuse.program.check_program` here, on unpickling (`__setstate__`) and
+    before each compilation (then also that every target is registered in the block).
     """
 
-    def __init__(self, program: list[tuple[str, str, str, Any, Any]], source_class: str = "") -> None:
+    def __init__(self, program: Program, source_class: str = "") -> None:
         super().__init__()
+        check_program(program)
+        if type(source_class) is not str or len(source_class) > MAX_STR:
+            raise InvalidProgram("source_class must be a short string")
         self.program = program
         self.source_class = source_class
         self._steps: fx.GraphModule | None = None
@@ -189,6 +108,15 @@ class GraphBlock(nn.Module):
         state["_steps"] = None  # the compiled forward is rebuilt after loading, never stored
         return state
 
+    def __setstate__(self, state: Any) -> None:
+        """Unpickling (torch.load with or without weights_only, copy.deepcopy): refuse a state or a
+        program outside the schema before the block is handed out, so a bare weights-only load raises."""
+        _check_state(state)
+        super().__setstate__(state)
+        self.__dict__["_steps"] = None
+        self.__dict__.setdefault("source_class", "")
+        check_program(self.program, self)
+
     def __setattr__(self, name: str, value: Any) -> None:
         if name != "_steps":
             self.__dict__["_steps"] = None  # a changed child or tensor: compile again
@@ -199,12 +127,12 @@ class GraphBlock(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _compile(self) -> fx.GraphModule:
-        """Rebuild the fx graph from the program (every function checked by `resolve_function`) and let
-        torch.fx generate its forward: as fast as hand-written code, and nothing read from the file runs."""
+        """Check the program against the block, rebuild it as an fx graph and let torch.fx generate its
+        forward: as fast as hand-written code, and every string fx pastes into it was checked."""
         graph = fx.Graph()
         env: dict[str, Any] = {}
-        for name, op, target, args, kwargs in self.program:
-            a, k = _decoder(args)(env), _decoder(kwargs)(env)
+        for name, op, target, args, kwargs in check_program(self.program, self):
+            a, k = decode(args, env), decode(kwargs, env)
             if op == "placeholder":
                 env[name] = graph.placeholder(target, default_value=a[0] if a else inspect.Signature.empty)
             elif op == "get_attr":
@@ -214,15 +142,14 @@ class GraphBlock(nn.Module):
             elif op == "call_function":
                 env[name] = graph.call_function(resolve_function(target), a, k)
             elif op == "call_method":
-                if target.startswith("_"):
-                    raise UnsupportedProgram(f"method {target} is not allowed in a program")
                 env[name] = graph.call_method(target, a, k)
-            elif op == "output":
-                graph.output(a[0])
-                break
             else:
-                raise UnsupportedProgram(f"unknown op {op!r} in program")
-        return fx.GraphModule(self, graph, class_name=f"{self.source_class or 'GraphBlock'}Program")
+                graph.output(a[0])
+        name = re.sub(r"\W", "_", self.source_class.rpartition(".")[2]) or "GraphBlock"
+        try:
+            return fx.GraphModule(self, graph, class_name=f"{name}Program")
+        except Exception as exc:  # a checked program that fx still cannot build: refuse it
+            raise InvalidProgram(f"its forward could not be generated ({type(exc).__name__})") from exc
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         compiled = self.__dict__.get("_steps")
