@@ -1,26 +1,31 @@
-"""torch.fx plumbing: record how each module is called, trace it, and lower nodes to affine ops.
+"""torch.fx plumbing: record how each module is called, trace it, and replay its graph.
 
 Every module is analysed on its own, deepest first, with its children as leaves: a child whose
 whole forward is one affine op (its *summary*) then acts as that op in its parent's graph. So a
 sum written inside a block, in a parent's forward, or over a ModuleList in a loop is found the
 same way, and a module that cannot be traced still has its children fused.
+
+A trace must say everything the forward does (DESIGN §3, *Effects*). fx records tensor
+operations; it does not record `torch.no_grad()` / autocast regions, operations on real tensors
+(`self.calls.add_(1)` runs once, at trace time) or attribute writes, and it turns ``t += u``
+into an out-of-place add. So the tracer here records augmented assignments as in-place ops and
+notes the grad/autocast mode of every node, and `trace` watches the module's state: a forward
+whose trace would lose an effect is reported (`Traced.effect`) and its module is left as it is.
 """
 
 from __future__ import annotations
 
-import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import kernels as K
-from .kernels import ConvOp
+from . import effects as E
+from .dtypes import Shadows
 
 # ----------------------------------------------------------------------------------------------
 # Recording calls
@@ -28,25 +33,56 @@ from .kernels import ConvOp
 
 @dataclass
 class CallRecord:
-    args: tuple[Any, ...]
+    args: tuple[Any, ...]  # copies taken before the call (a forward may change its input in place)
     kwargs: dict[str, Any]
     output: Any
     calls: int = 1
+    mutates: tuple[int, ...] = ()  # positional tensor arguments the call changed in place
+    aliases: bool = False  # the output shares memory with an input (nn.Identity, a view)
+
+
+def _versions(value: Any) -> list[tuple[torch.Tensor, int]]:
+    return [(t, t._version) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+
+
+def _storages(value: Any) -> set[int]:
+    out = set()
+    for t in tree_flatten(value)[0]:
+        if isinstance(t, torch.Tensor):
+            try:
+                out.add(t.untyped_storage().data_ptr())
+            except RuntimeError:
+                pass
+    return out
 
 
 def record_calls(model: nn.Module, inputs: tuple[Any, ...]) -> dict[int, CallRecord]:
-    """Run `model` once and keep, per module (by id), its first call's inputs and output."""
+    """Run `model` once and keep, per module (by id), its first call's inputs and output, whether the
+    call changed an input in place and whether its output aliases an input."""
     records: dict[int, CallRecord] = {}
+    pending: dict[int, tuple[Any, Any, list[tuple[torch.Tensor, int]], set[int]]] = {}
     handles = []
+
+    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if id(module) not in records and id(module) not in pending:
+            pending[id(module)] = (_snapshot(args), _snapshot(kwargs), _versions(args), _storages((args, kwargs)))
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         rec = records.get(id(module))
-        if rec is None:  # copies: a later in-place op (ReLU(inplace=True), `x += y`) must not change them
-            records[id(module)] = CallRecord(_snapshot(args), _snapshot(kwargs), _snapshot(output))
-        else:
+        if rec is not None:
             rec.calls += 1
+            return
+        if id(module) not in pending:
+            return
+        a, k, versions, storages = pending.pop(id(module))
+        positional = [i for i, v in enumerate(args) if isinstance(v, torch.Tensor)]
+        changed = {id(t) for t, v in versions if t._version != v}
+        mutates = tuple(i for i in positional if id(args[i]) in changed)
+        records[id(module)] = CallRecord(a, k, _snapshot(output), mutates=mutates,
+                                         aliases=bool(_storages(output) & storages))
 
     for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(m.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -62,180 +98,48 @@ def _snapshot(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# Expressions: a value as an affine op of an earlier value
-
-
-@dataclass(frozen=True)
-class Expr:
-    """`op` applied to the value of node `base` gives this node's value.
-
-    nodes: the graph nodes folded in (the would-be region); ops: how many runtime ops they are;
-    terms: the summed branches in words ("3×3", "1×1", "identity"); norms: BNs folded in.
-    """
-
-    op: ConvOp
-    nodes: frozenset[fx.Node]
-    ops: int
-    terms: tuple[str, ...]
-    norms: int = 0
-    scales: int = 0
-    leaves: tuple[str, ...] = ()  # dotted paths of the layers folded in
-    cost: float = 0.0  # multiply-adds per position of `base` of the ops folded in (see op_cost)
-    # ends inside a child (its affine prefix), not at this node's value: may end a region, never extend
-    partial: bool = False
-
-
-def op_cost(op: ConvOp) -> float:
-    """Multiply-adds of `op` per position of its input: weight taps per output position / stride."""
-    return op.weight.numel() / math.prod(op.stride)
-
-
-@dataclass
-class LeafInfo:
-    """What one module (or functional call) is as an op, in words and maths."""
-
-    op: ConvOp | None
-    kind: str  # "conv", "bn", "linear", "identity", "avgpool", "pad", "scale", ...
-    reason: str | None = None  # why it is not an affine op, when it looked like one
-    ops: int = 1
-    terms: tuple[str, ...] = ()
-    norms: int = 0
-    scales: int = 0
-    leaves: tuple[str, ...] = ()
-    cost: float | None = None  # per input position; None: that of `op` itself
-    partial: bool = False  # only the child's affine prefix (see analysis.Prefix), not its whole forward
-
-    def input_cost(self) -> float:
-        return self.cost if self.cost is not None else op_cost(self.op) if self.op is not None else 0.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Lowering torch.nn layers
-
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-
-
-def _same_forward(m: nn.Module, base: type) -> bool:
-    """m behaves as `base` (its class does not override the forward that matters)."""
-    cls = type(m)
-    if cls.forward is not base.forward:
-        return False
-    return not (issubclass(base, nn.modules.conv._ConvNd) and cls._conv_forward is not base._conv_forward)
-
-
-def is_torch_builtin(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("torch.nn.")
-
-
-def lower_module(m: nn.Module, rec: CallRecord | None) -> LeafInfo | None:
-    """A module as an affine op, or None when it must be traced (user code / containers).
-
-    Returns LeafInfo(op=None) for layers that are not affine (activations, max pools, ...).
-    """
-    shape = _tensor_shape(rec.args[0]) if rec and rec.args else None
-    for base in _CONVS:
-        if isinstance(m, base) and _same_forward(m, base):
-            return _lower_conv(m, shape)
-    for base in _BNS:
-        if isinstance(m, base) and _same_forward(m, base):
-            return _lower_bn(m, shape)
-    if isinstance(m, nn.Linear) and _same_forward(m, nn.Linear):
-        if shape is None or len(shape) < 2:
-            return LeafInfo(None, "linear")
-        # an nd == 0 op acts on the LAST axis ([N, C], or [B, L, C] as in LeViT); BatchNorm1d on
-        # [N, C, L] is nd == 1 and acts on axis 1, so the two never compose by mistake
-        return LeafInfo(K.linear_op(m.weight, m.bias), "linear", terms=("linear",))
-    if isinstance(m, _IDENTITIES) and _same_forward(m, type(m)):
-        if shape is None or len(shape) < 2:
-            return LeafInfo(None, "identity")
-        return LeafInfo(K.identity_op(shape[1], len(shape) - 2), "identity", ops=0, terms=("identity",))
-    for base in _POOLS:
-        if isinstance(m, base) and _same_forward(m, base):
-            nd = len(shape) - 2 if shape else 0
-            return _lower_avgpool(shape, nd, m.kernel_size, m.stride, m.padding, m.ceil_mode,
-                                  m.count_include_pad, getattr(m, "divisor_override", None))
-    if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-        return None
-    if is_torch_builtin(m):
-        return LeafInfo(None, type(m).__name__)
-    return None
-
-
-def _lower_conv(m: nn.modules.conv._ConvNd, shape: tuple[int, ...] | None) -> LeafInfo:
-    nd = m.weight.dim() - 2
-    padding = m.padding
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0,) * nd
-        else:  # "same": symmetric only when every axis has an even total padding
-            total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
-            if any(t % 2 for t in total):
-                return LeafInfo(None, "conv", "padding='same' with an even kernel pads asymmetrically")
-            padding = tuple(t // 2 for t in total)
-    op = K.conv_op(m.weight, m.bias, m.stride, padding, m.dilation, m.groups, m.padding_mode)
-    if m.padding_mode != "zeros" and not any(padding):
-        op = K.ConvOp(op.weight, op.bias, op.stride, op.padding, op.dilation, op.groups, "zeros")
-    return LeafInfo(op, "conv", terms=(K.describe_kernel(op.kernel_size),))
-
-
-def _lower_bn(m: nn.modules.batchnorm._BatchNorm, shape: tuple[int, ...] | None) -> LeafInfo:
-    if m.running_mean is None or m.running_var is None or not m.track_running_stats:
-        return LeafInfo(None, "bn", f"{type(m).__name__} has no running statistics "
-                        "(track_running_stats=False): it normalises with batch statistics even in eval")
-    if m.training:
-        return LeafInfo(None, "bn", "BatchNorm is in training mode")
-    nd = len(shape) - 2 if shape else _bn_nd(m)
-    return LeafInfo(K.fold_bn(m.running_mean, m.running_var, m.weight if m.affine else None,
-                              m.bias if m.affine else None, m.eps, nd), "bn", norms=1, terms=("identity",))
-
-
-def _bn_nd(m: nn.Module) -> int:
-    return {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(m), 2)
-
-
-def _lower_avgpool(shape: tuple[int, ...] | None, nd: int, kernel: Any, stride: Any, padding: Any,
-                   ceil_mode: bool, count_include_pad: bool, divisor_override: Any) -> LeafInfo:
-    if shape is None or nd < 1:
-        return LeafInfo(None, "avgpool")
-    k = K._tup(kernel, nd)
-    s = K._tup(stride if stride not in (None, ()) else kernel, nd)
-    p = K._tup(padding, nd)
-    if divisor_override:
-        return LeafInfo(None, "avgpool", "AvgPool with divisor_override is not a plain mean")
-    if any(p) and not count_include_pad:
-        return LeafInfo(None, "avgpool", "AvgPool with padding and count_include_pad=False divides "
-                        "border windows by fewer taps: not one conv")
-    if ceil_mode:
-        for size, kk, ss, pp in zip(shape[2:], k, s, p):
-            floor_out = (size + 2 * pp - kk) // ss + 1
-            ceil_out = -(-(size + 2 * pp - kk) // ss) + 1
-            if ceil_out != floor_out:
-                return LeafInfo(None, "avgpool", "AvgPool ceil_mode=True changes the output size here")
-    op = K.avgpool_op(shape[1], k, s, p)
-    return LeafInfo(op, "avgpool", terms=(f"avgpool {K.describe_kernel(k)}",))
-
-
-def _tensor_shape(v: Any) -> tuple[int, ...] | None:
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-
-# ----------------------------------------------------------------------------------------------
 # Tracing
+
+_INPLACE = {"__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+            "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv, "__imod__": operator.imod,
+            "__ipow__": operator.ipow, "__iand__": operator.iand, "__ior__": operator.ior, "__ixor__": operator.ixor,
+            "__ilshift__": operator.ilshift, "__irshift__": operator.irshift, "__imatmul__": operator.imatmul}
 
 
 class _AssignableProxy(fx.Proxy):
-    """fx's Proxy refuses `t[idx] = v`; DBB writes pad rings that way. Record it as operator.setitem."""
+    """fx's Proxy refuses `t[idx] = v` (DBB writes pad rings that way) and turns `t += u` into `t = t + u`,
+    which drops the change to `t` that every other holder of it sees. Record both as what they are."""
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
+def _inplace_method(fn: Any) -> Any:
+    def method(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", fn, (self, other), {})
+    return method
+
+
+for _name, _fn in _INPLACE.items():
+    setattr(_AssignableProxy, _name, _inplace_method(_fn))
+
+
+def _mode() -> tuple[Any, ...]:
+    """The grad / inference / autocast state that changes what an op computes."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+
+
 class LeafTracer(fx.Tracer):
-    """Traces one module's own forward; every submodule call stays a call_module leaf."""
+    """Traces one module's own forward; every submodule call stays a call_module leaf. Notes the nodes
+    created under another grad or autocast mode than the trace started in (a `torch.no_grad()` or
+    `torch.autocast` region, which the graph itself would not keep)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start_mode = _mode()
+        self.moded: list[fx.Node] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
@@ -243,89 +147,165 @@ class LeafTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _AssignableProxy(node, self)
 
-
-def mutations(node: fx.Node) -> list[fx.Node]:
-    """Users that change `node`'s tensor in place (`t[i] = v`, `t.add_(u)`)."""
-    return [u for u in node.users if u.args and u.args[0] is node and (
-        u.target is operator.setitem or (u.op == "call_method" and u.target.endswith("_")
-                                         and not u.target.startswith("_")))]
-
-
-def border_fill(node: fx.Node, pads: tuple[int, ...], values: dict[fx.Node, Any]) -> torch.Tensor | None:
-    """If the in-place writes on `node` (a zero-padded tensor) fill exactly its padded border with
-    one per-channel constant, that constant as a [C] vector (DBB's BNAndPadLayer); else None."""
-    value = values.get(node)
-    writes = mutations(node)
-    if not isinstance(value, torch.Tensor) or not writes or any(w.target is not operator.setitem for w in writes):
-        return None
-    mask = torch.zeros(value.shape, dtype=torch.bool)
-    fill: torch.Tensor | None = None
-    for w in writes:
-        v = values.get(w.args[2]) if isinstance(w.args[2], fx.Node) else w.args[2]
-        c = channel_constant(v, tuple(value.shape))
-        if c is None or (fill is not None and not torch.equal(c, fill)):
-            return None
-        fill = c
-        try:
-            mask[w.args[1]] = True
-        except (IndexError, TypeError):
-            return None
-    ring = torch.ones(value.shape, dtype=torch.bool)
-    ring[(slice(None), slice(None), *(slice(p, size - p) for p, size in zip(pads, value.shape[2:])))] = False
-    return fill if torch.equal(mask, ring) else None
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if _mode() != self.start_mode:
+            self.moded.append(node)
+        return node
 
 
-def trace(module: nn.Module) -> tuple[fx.GraphModule | None, str | None]:
-    """fx-trace `module` with its children as leaves; (None, reason) when it cannot be traced."""
+@dataclass
+class Traced:
+    gm: fx.GraphModule | None
+    reason: str | None = None  # why it could not be traced
+    effect: str | None = None  # why the module must stay as it is although it traced
+
+
+def trace(module: nn.Module) -> Traced:
+    """fx-trace `module` with its children as leaves, and check that the graph keeps every effect."""
+    tracer = LeafTracer()
     try:
-        graph = LeafTracer().trace(module)
-        return fx.GraphModule(module, graph, class_name=type(module).__name__), None
+        with E.state_watch(module) as changed:
+            graph = tracer.trace(module)
+        gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, f"could not trace ({type(exc).__name__}: {first[:160]})"
+        return Traced(None, f"could not trace ({type(exc).__name__}: {first[:160]})")
+    return Traced(gm, effect=_trace_effect(gm, tracer, changed))
+
+
+def _trace_effect(gm: fx.GraphModule, tracer: LeafTracer, changed: dict[str, list[str]]) -> str | None:
+    if tracer.moded:
+        return (f"its forward runs '{tracer.moded[0].name}' under another grad or autocast mode "
+                "(torch.no_grad / torch.autocast), which a rewritten forward would lose: left as it is")
+    if changed.get("tensors"):
+        return f"its forward changes its tensors in place ({', '.join(changed['tensors'][:3])}): left as it is"
+    if changed.get("attributes"):
+        return f"its forward assigns attributes ({', '.join(changed['attributes'][:3])}): left as it is"
+    state = _state_derived(gm.graph)
+    for node in gm.graph.nodes:
+        if E.draws_random(node):
+            return f"its forward draws random numbers ('{node.name}'): left as it is"
+        target = E.inplace_target(node)
+        if target is not None and target in state:
+            return f"its forward updates its tensor '{target.name}' in place ('{node.name}'): left as it is"
+    return None
+
+
+def _state_derived(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes computed from parameters and buffers alone (views of the module's state among them)."""
+    state: set[fx.Node] = set()
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op == "get_attr" or (node.op in ("call_function", "call_method") and inputs
+                                     and all(i in state for i in inputs)):
+            state.add(node)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Replaying a graph on the recorded inputs
+
+
+@dataclass
+class Replay:
+    """Every node's value for the recorded call, and what in-place ops did to them.
+
+    values: after the last write; initial: the value a later write changed, as first computed;
+    mutated: nodes whose memory a later op (or a child) changed in place; dtypes: every node's
+    dtype in the model's own precision (see dtypes.Shadows).
+    """
+
+    values: dict[fx.Node, Any] = field(default_factory=dict)
+    initial: dict[fx.Node, Any] = field(default_factory=dict)
+    mutated: set[fx.Node] = field(default_factory=set)
+    dtypes: dict[fx.Node, Any] = field(default_factory=dict)
 
 
 class ValueRecorder(fx.Interpreter):
     """Runs a traced graph on recorded inputs and keeps every node's value.
 
     A child called exactly once in the whole forward is not run again: its recorded output is
-    reused, so analysing every level of the tree costs about one forward, not one per level.
+    reused, so analysing every level of the tree costs about one forward, not one per level — except
+    a child that changes its input in place or returns (a view of) it, which runs for real so that
+    the replay sees the same memory effects as the forward did.
     """
 
-    def __init__(self, gm: fx.GraphModule, records: dict[int, CallRecord]) -> None:
+    def __init__(self, gm: fx.GraphModule, records: dict[int, CallRecord], shadows: Shadows | None) -> None:
         super().__init__(gm, garbage_collect_values=False)
-        self.values: dict[fx.Node, Any] = {}
+        self.replay = Replay()
         self.records = records
-        self.mutating = {m for n in gm.graph.nodes for m in mutations(n)}
+        self.shadows = shadows
+        self.storage: dict[fx.Node, int] = {}
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        rec = self.records.get(id(self.fetch_attr(target)))
-        if rec is not None and rec.calls == 1:
+        module = self.fetch_attr(target)
+        rec = self.records.get(id(module))
+        if rec is not None and rec.calls == 1 and not rec.mutates and not rec.aliases \
+                and getattr(module, "inplace", False) is not True:
             return _snapshot(rec.output)
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
+        inputs = [i for i in n.all_input_nodes if isinstance(self.env.get(i), torch.Tensor)]
+        before = {i: self.env[i]._version for i in inputs}
         value = super().run_node(n)
-        self.values[n] = _snapshot(value)
-        if n in self.mutating:  # `t[i] = v`: t's recorded value is the one after the write
-            target = n.args[0]
-            self.values[target] = _snapshot(self.env[target])
+        r = self.replay
+        r.values[n] = _snapshot(value)
+        if isinstance(value, torch.Tensor):
+            try:
+                self.storage[n] = value.untyped_storage().data_ptr()
+            except RuntimeError:
+                pass
+            if self.shadows is not None:
+                r.dtypes[n] = self.shadows.get(value)
+        written = [i for i in inputs if self.env[i]._version != before[i]]
+        if written:
+            hit = {self.storage[i] for i in written if i in self.storage}
+            sharing = [o for o, ptr in self.storage.items() if ptr in hit and o is not n]
+            if len(written) == 1 and sharing == written and self._private(written[0], n):
+                del self.storage[written[0]]  # superseded by `n`: never read again
+            else:
+                for other in sharing:  # every earlier value sharing the written memory is now stale
+                    if other not in r.mutated:
+                        r.initial[other] = r.values[other]
+                    r.mutated.add(other)
+                    r.values[other] = _snapshot(self.env[other])
+                if isinstance(value, torch.Tensor) and self.storage.get(n) in hit:
+                    r.mutated.add(n)  # the written value itself: opaque as well
         return value
+
+    def _private(self, target: fx.Node, writer: fx.Node) -> bool:
+        """A write that nobody else can see (``out = a + b; out += c``): `target` is read by `writer`
+        only and is not a value from outside the graph (an input, a tensor of the module, the output of
+        a user module, which might keep it)."""
+        if any(u is not writer for u in target.users) or target.op in ("placeholder", "get_attr"):
+            return False
+        if target.op == "call_module":
+            module = self.fetch_attr(str(target.target))
+            rec = self.records.get(id(module))
+            return rec is not None and not rec.aliases and not rec.mutates
+        return True
 
 
 def node_values(gm: fx.GraphModule, rec: CallRecord, records: dict[int, CallRecord],
-                ) -> dict[fx.Node, Any] | None:
-    """Every node's value for the recorded call (shapes, constants); None if it cannot be replayed."""
+                shadows: Shadows | None = None) -> Replay | None:
+    """The replay of the recorded call (shapes, constants, in-place effects); None if it cannot be replayed."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    args = list(rec.args)
+    # the replay must not change the records (other modules' analyses read them): copy the inputs
+    # when something in the graph writes in place
+    writes = any(E.inplace_target(n) is not None or (n.op == "call_module" and getattr(
+        records.get(id(gm.get_submodule(str(n.target)))), "mutates", ())) for n in gm.graph.nodes)
+    copy = _snapshot if writes else (lambda v: v)
+    args = list(copy(rec.args))
     for ph in placeholders[len(args):]:
         if ph.target in rec.kwargs:
-            args.append(rec.kwargs[ph.target])
+            args.append(copy(rec.kwargs[ph.target]))
         elif ph.args:
             args.append(ph.args[0])
         else:
             return None
-    interp = ValueRecorder(gm, records)
+    interp = ValueRecorder(gm, records, shadows)
     try:
         with torch.no_grad():
             out = interp.run(*args)
@@ -333,7 +313,7 @@ def node_values(gm: fx.GraphModule, rec: CallRecord, records: dict[int, CallReco
         return None
     if not _same_outputs(out, rec.output):  # the trace took another path than eager Python did
         return None
-    return interp.values
+    return interp.replay
 
 
 def _same_outputs(a: Any, b: Any) -> bool:
@@ -348,137 +328,3 @@ def _same_outputs(a: Any, b: Any) -> bool:
                 x.double(), y.double(), rtol=1e-9, atol=1e-12, equal_nan=True)):
             return False
     return True
-
-
-# ----------------------------------------------------------------------------------------------
-# Lowering functional calls
-
-
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
-_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
-_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
-_DIV = {operator.truediv, torch.div, "div", "truediv"}
-_NEG = {operator.neg, torch.neg, "neg"}
-_IDENTITY_CALLS = {"contiguous", "clone", torch.clone}
-# reshapes that keep the last axis whole: they commute with any op acting on the last axis (nd == 0)
-LAYOUT_CALLS = {"flatten", "reshape", "view", "reshape_as", "view_as", "unflatten", torch.flatten, torch.reshape,
-                torch.unflatten}
-_FCONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
-_FAVG = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, torch.avg_pool1d: 1}
-
-
-def call_key(node: fx.Node) -> Any:
-    if node.op == "call_method":
-        return node.target
-    if node.op == "call_function":
-        return node.target
-    return None
-
-
-def lower_function(node: fx.Node, args: list[Any], kwargs: dict[str, Any], shape: tuple[int, ...] | None,
-                   ) -> LeafInfo | None:
-    """A unary functional call on one tensor (other arguments constant) as an affine op."""
-    key = call_key(node)
-    if shape is None or len(shape) < 2:
-        return None
-    nd = len(shape) - 2
-    if key in (F.linear, torch._C._nn.linear):
-        nd = 0
-    try:
-        if key in _FCONV:
-            w = _arg(args, kwargs, 1, "weight")
-            b = _arg(args, kwargs, 2, "bias")
-            stride = _arg(args, kwargs, 3, "stride", 1)
-            padding = _arg(args, kwargs, 4, "padding", 0)
-            dilation = _arg(args, kwargs, 5, "dilation", 1)
-            groups = _arg(args, kwargs, 6, "groups", 1)
-            if isinstance(padding, str):
-                if padding != "valid":
-                    return None
-                padding = 0
-            op = K.conv_op(w, b, K._tup(stride, nd), K._tup(padding, nd), K._tup(dilation, nd), groups)
-            return LeafInfo(op, "conv", terms=(K.describe_kernel(op.kernel_size),))
-        if key in (F.batch_norm, torch.batch_norm):
-            mean, var = _arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var")
-            training = _arg(args, kwargs, 5, "training", False)
-            if training or mean is None or var is None:
-                return LeafInfo(None, "bn", "functional batch_norm uses batch statistics (training=True "
-                                "or no running stats)")
-            w, b = _arg(args, kwargs, 3, "weight", None), _arg(args, kwargs, 4, "bias", None)
-            eps = _arg(args, kwargs, 7, "eps", 1e-5)
-            return LeafInfo(K.fold_bn(mean, var, w, b, eps, nd), "bn", norms=1, terms=("identity",))
-        if key in (F.linear, torch._C._nn.linear):
-            return LeafInfo(K.linear_op(_arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias", None)),
-                            "linear", terms=("linear",))
-        if key in _FAVG:
-            kernel = _arg(args, kwargs, 1, "kernel_size")
-            return _lower_avgpool(shape, nd, kernel, _arg(args, kwargs, 2, "stride", None),
-                                  _arg(args, kwargs, 3, "padding", 0), _arg(args, kwargs, 4, "ceil_mode", False),
-                                  _arg(args, kwargs, 5, "count_include_pad", True),
-                                  _arg(args, kwargs, 6, "divisor_override", None))
-        if key in (F.pad, torch._C._nn.pad):
-            pads = list(_arg(args, kwargs, 1, "pad"))
-            mode = _arg(args, kwargs, 2, "mode", "constant")
-            value = _arg(args, kwargs, 3, "value", None)
-            if mode != "constant" or (value not in (None, 0, 0.0)) or len(pads) != 2 * nd:
-                return None
-            per_axis = [(pads[2 * i], pads[2 * i + 1]) for i in range(nd)][::-1]
-            if any(lo != hi or lo < 0 for lo, hi in per_axis):
-                return LeafInfo(None, "pad", "asymmetric or negative padding is not a conv padding")
-            return LeafInfo(K.pad_op(shape[1], tuple(lo for lo, _ in per_axis)), "pad", terms=("identity",))
-        if key in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
-            if _arg(args, kwargs, 2, "training", True):
-                return None
-            return LeafInfo(K.identity_op(shape[1], nd), "identity", ops=0, terms=("identity",))
-        if key is operator.getitem:
-            return _lower_crop(args[1], shape)
-        if key in _IDENTITY_CALLS:
-            return LeafInfo(K.identity_op(shape[1], nd), "identity", ops=0, terms=("identity",))
-    except (TypeError, ValueError, IndexError, RuntimeError):
-        return None
-    return None
-
-
-def _lower_crop(index: Any, shape: tuple[int, ...]) -> LeafInfo | None:
-    """``x[:, :, c:-c, ...]``: a symmetric crop of the spatial axes, as padding −c."""
-    index = index if isinstance(index, tuple) else (index,)
-    if sum(i is Ellipsis for i in index) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
-        return None
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (len(shape) - len(index) + 1) + index[at + 1:]
-    index = index + (slice(None),) * (len(shape) - len(index))
-    if len(index) != len(shape) or any(i != slice(None) for i in index[:2]):
-        return None
-    crops = []
-    for sl, size in zip(index[2:], shape[2:]):
-        if sl.step not in (None, 1):
-            return None
-        start, stop, _ = sl.indices(size)
-        if stop - start <= 0 or start != size - stop:
-            return None
-        crops.append(-start)
-    return LeafInfo(K.pad_op(shape[1], tuple(crops)), "crop", terms=("identity",))
-
-
-def _arg(args: list[Any], kwargs: dict[str, Any], i: int, name: str, default: Any = None) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    if i < len(args):
-        return args[i]
-    return default
-
-
-def channel_constant(value: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """A constant that broadcasts as one value per channel of a [N, C, ...] tensor, as a [C] vector."""
-    c = shape[1]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.full((c,), float(value), dtype=K.DT)
-    if not isinstance(value, torch.Tensor) or (not value.is_floating_point() and value.dtype != torch.int64):
-        return None
-    if value.dim() > len(shape):
-        return None
-    full = (1,) * (len(shape) - value.dim()) + tuple(value.shape)
-    if full[0] != 1 or any(s != 1 for s in full[2:]) or full[1] not in (1, c):
-        return None
-    return value.detach().to(K.DT).reshape(-1).expand(c).clone()

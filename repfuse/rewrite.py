@@ -4,6 +4,12 @@ Top-down: a module whose whole forward is one op becomes one conv in its parent 
 class); a module with fused regions becomes a `GraphBlock` (its untouched children keep their
 names); a module whose prefix a parent folded in loses that prefix; everything else is left
 exactly as it was.
+
+Code that stays decides what else must stay (DESIGN §3, *Effects*): a module left as Python keeps
+running all of its forward, also the branches no recorded forward took, so every child that code
+reaches into (`self.block.conv`, see `reach`) is left exactly as it is; so is everything a
+rewritten graph still reads (`self.branch.conv(x)` in a GraphBlock). A node with an effect
+(`out.clamp_(-4, 4)`, `self.act(out)` with an in-place activation) is never removed as dead code.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import graph as G
+from . import effects as E
 from . import kernels as K
-from .analysis import COST_SLACK, Analysis, ModulePlan, Region, analyse, site_label
+from . import lowering as L
+from .analysis import COST_SLACK, Analysis, DtypeMap, ModulePlan, Region, analyse, site_label
 from .kernels import ConvOp
 from .modules import GraphBlock, UnsupportedProgram, graph_to_program
+from .reach import reached
 from .types import FusionSite
 
 __all__ = ["Applied", "DtypeMap", "analyse", "apply", "count_layers", "materialise", "original_dtypes",
@@ -36,9 +44,6 @@ class Applied:
     sites: list[FusionSite]
 
 
-DtypeMap = dict[tuple[int, str], torch.dtype]  # (id(module), tensor name) → dtype before float64
-
-
 def original_dtypes(model: nn.Module) -> DtypeMap:
     """Every parameter's and buffer's dtype, keyed by owner module and name (ids of tensors do not
     survive `.double()`, which replaces buffers)."""
@@ -53,6 +58,7 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
     holder = nn.Module()
     holder.add_module("root", root)
     seen: set[int] = set()
+    frozen = Frozen()
 
     def visit(parent: nn.Module, name: str, path: str) -> None:
         m = parent._modules[name]
@@ -60,24 +66,33 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
             return
         seen.add(id(m))
         plan = analysis.plans.get(id(m))
-        if (plan is not None and plan.summary is not None and plan.summary.ops >= 2
-                and G.op_cost(plan.summary.op) <= plan.summary.cost * COST_SLACK
-                and all(p >= 0 for p in plan.summary.op.padding)
-                and not _reached_into(path, analysis)):
-            layer = materialise(plan.summary.op, _dtype_of([m], dtypes, default), dtypes)
+        stays = frozen.holds(path)
+        if plan is not None and plan.gm is not None:  # what its graph reads inside its children stays
+            frozen.graph_reads(path, plan.gm.graph)
+        if (not stays and plan is not None and plan.summary is not None and plan.summary.ops >= 2
+                and L.op_cost(plan.summary.op) <= plan.summary.cost * COST_SLACK
+                and all(p >= 0 for p in plan.summary.op.padding)):
+            dtype, device = _dtype_of([m], dtypes, default)
+            layer = materialise(plan.summary.op, (plan.summary_dtype or dtype, device), dtypes)
             _keep_flags(m, layer)
             setattr(parent, name, layer)
             before = _count_params(m)
             sites.append(_site(path, plan.summary, layer, before, plan.summary_error))
             return
-        if plan is not None and (plan.regions or plan.strip_prefix):
+        rewritten = False
+        if not stays and plan is not None and (plan.regions or plan.strip_prefix):
             try:
-                m = _to_graph_block(plan, path, analysis, dtypes, default, sites)
+                m = _to_graph_block(plan, path, analysis, dtypes, default, sites, frozen)
             except UnsupportedProgram as exc:
                 for r in plan.regions:
                     analysis.skip(site_label(path, r.output), f"not rewritten: {exc}")
             else:
                 setattr(parent, name, m)
+                rewritten = True
+        elif stays and plan is not None and (plan.regions or plan.summary is not None):
+            analysis.skip(path or "<root>", f"left as it is: {frozen.why(path)}")
+        if not rewritten:  # its own Python keeps running: what that code reaches stays too
+            frozen.code_reads(path, m)
         for child_name in list(m._modules):
             visit(m, child_name, f"{path}.{child_name}" if path else child_name)
 
@@ -85,19 +100,46 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
     return Applied(holder._modules["root"], sites)
 
 
-def _reached_into(path: str, analysis: Analysis) -> bool:
-    """Does an ancestor's forward call or read something inside the module at `path`
-    (`self.branch.conv(x)`)? Then the module must stay what it is."""
-    inside = f"{path}."
-    for plan in analysis.plans.values():
-        ancestor = plan.path != path and (plan.path == "" or inside.startswith(f"{plan.path}."))
-        if plan.gm is None or not ancestor:
-            continue
-        prefix = f"{plan.path}." if plan.path else ""
-        if any(n.op in ("call_module", "get_attr") and f"{prefix}{n.target}".startswith(inside)
-               for n in plan.gm.graph.nodes):
-            return True
-    return False
+class Frozen:
+    """Paths of modules that must stay exactly as they are, and why."""
+
+    def __init__(self) -> None:
+        self.keep: dict[str, str] = {}
+        self.trees: dict[str, str] = {}
+
+    def holds(self, path: str) -> bool:
+        return path in self.keep or any(path == t or path.startswith(f"{t}.") or t == "" for t in self.trees)
+
+    def why(self, path: str) -> str:
+        if path in self.keep:
+            return self.keep[path]
+        return next((w for t, w in self.trees.items() if path == t or path.startswith(f"{t}.") or t == ""), "")
+
+    def graph_reads(self, path: str, graph: fx.Graph) -> None:
+        """`self.a.b(x)` / `self.a.weight` in a graph: `a` (and `a.b` for a tensor of it) must keep them."""
+        for n in graph.nodes:
+            if n.op not in ("call_module", "get_attr"):
+                continue
+            parts = str(n.target).split(".")
+            for i in range(1, len(parts)):
+                self.keep.setdefault(_join(path, ".".join(parts[:i])),
+                                     f"'{_join(path, str(n.target))}' is read by the forward of "
+                                     f"'{path or '<root>'}'")
+
+    def code_reads(self, path: str, module: nn.Module) -> None:
+        """A module left as Python: every child its code can reach (in any branch) stays."""
+        r = reached(module)
+        for rel in r.keep:
+            self.keep.setdefault(_join(path, rel), f"the Python forward of '{path or '<root>'}' reads inside it")
+        for rel in r.subtrees:
+            self.trees.setdefault(_join(path, rel) if rel else path,
+                                  f"the Python forward of '{path or '<root>'}' hands it to other code")
+        if "" in r.subtrees and path == "":
+            self.trees[""] = "the Python forward of '<root>' hands the model to other code"
+
+
+def _join(path: str, rel: str) -> str:
+    return f"{path}.{rel}" if path and rel else path or rel
 
 
 def _keep_flags(old: nn.Module, layer: nn.Module) -> None:
@@ -147,7 +189,7 @@ def materialise(op: ConvOp, dtype_device: tuple[torch.dtype, torch.device], dtyp
     return layer
 
 
-def _site(path: str, expr: G.Expr, layer: nn.Module, params_before: int, error: float) -> FusionSite:
+def _site(path: str, expr: L.Expr, layer: nn.Module, params_before: int, error: float) -> FusionSite:
     op = expr.op if expr.op.nd else K.regroup(expr.op, 1)
     extras = []
     if expr.norms:
@@ -164,7 +206,7 @@ def _site(path: str, expr: G.Expr, layer: nn.Module, params_before: int, error: 
 
 
 def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: DtypeMap, default: torch.dtype,
-                    sites: list[FusionSite]) -> GraphBlock:
+                    sites: list[FusionSite], frozen: Frozen) -> GraphBlock:
     """Replace each region of plan's graph by one layer; the module becomes a GraphBlock.
 
     A region that ends in a child's affine prefix feeds the new layer to that child, whose prefix
@@ -185,6 +227,7 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         for n in sorted(inner, key=_order(graph), reverse=True):
             graph.erase_node(n)
         consumed_modules.extend(sorted({n.target for n in inner if n.op == "call_module"}))
+    regions = [r for r in regions if not _touches_frozen(r, path, frozen, analysis)]
     names = _fused_names(m, len(regions))
     new_layers: list[tuple[str, nn.Module, Region, int]] = []
     for region, name in zip(regions, names):
@@ -196,7 +239,8 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         sources = [m.get_submodule(t) for t in targets]
         if kept is not None:
             sources.append(m.get_submodule(kept.target))
-        layer = materialise(region.expr.op, _dtype_of(sources, dtypes, default), dtypes)
+        dtype, device = _dtype_of(sources, dtypes, default)
+        layer = materialise(region.expr.op, (region.dtype or dtype, device), dtypes)
         before = sum(_count_params(m.get_submodule(t)) for t in targets)
         gm.add_submodule(name, layer)  # so fx's lint sees the target
         if kept is None:
@@ -218,7 +262,7 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         consumed_modules.extend(targets)
         new_layers.append((name, layer, region, before))
     attrs_before = {n.target for n in graph.nodes if n.op == "get_attr"}
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=E.is_impure)
     still_used = {n.target for n in graph.nodes if n.op == "get_attr"}
     consumed_attrs = attrs_before - still_used
     attr_params = 0
@@ -257,6 +301,16 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         sites.append(_site(prefix + name, region.expr, layer, before + (attr_params if i == 0 else 0),
                            region.error))
     return block
+
+
+def _touches_frozen(region: Region, path: str, frozen: Frozen, analysis: Analysis) -> bool:
+    """Does the region remove (or strip the prefix of) a module something else still reads?"""
+    for n in region.expr.nodes:
+        if n.op == "call_module" and frozen.holds(_join(path, str(n.target))):
+            analysis.skip(site_label(path, region.output), f"'{n.target}' must stay as it is: "
+                          f"{frozen.why(_join(path, str(n.target)))}")
+            return True
+    return False
 
 
 def _order(graph: fx.Graph) -> Any:

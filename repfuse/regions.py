@@ -1,0 +1,266 @@
+"""Region choice (pass 1, second half): which candidate expressions become one layer. Reads only.
+
+A candidate ``value = op(base)`` becomes a region when it is exact and self-contained: no inner
+value is read outside it, no module in it is shared or read elsewhere, it pays (never more
+multiply-adds than the ops it replaces), it computes in ONE dtype (the fused layer runs in the dtype
+of the values it replaces — a float64 buffer in a float32 model makes the original float64, and a
+float32 conv would not be), and it reproduces its recorded output (the witness; the proof is the
+shape-generic lowering, see `lowering`). Values changed in place are never inside a region or
+its base; a changed *output* is allowed when it is a fresh tensor: the in-place op stays in the
+deploy model and changes the fused layer's output just as it changed the original's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import effects as E
+from . import kernels as K
+from . import lowering as L
+from .graph import CallRecord, Replay
+from .kernels import ConvOp
+from .modules import UnsupportedProgram, graph_to_program
+
+COST_SLACK = 1.0 + 1e-9  # a fused layer may not cost more multiply-adds than the ops it replaces
+SELF_CHECK_RTOL = 1e-9  # a fused op must reproduce its sub-graph's recorded float64 output to this
+
+
+def costlier(op: ConvOp, parts: float) -> str:
+    return (f"one {K.describe_kernel(op.kernel_size)} conv with groups={op.groups} would cost "
+            f"{L.op_cost(op) / max(parts, 1e-30):.1f}× the multiply-adds of the ops it replaces")
+
+
+@dataclass
+class Region:
+    base: fx.Node
+    output: fx.Node
+    expr: L.Expr
+    error: float  # max |fused op(base) − sub-graph output| on the recorded float64 forward
+    dtype: torch.dtype | None = None  # the dtype every value of the sub-graph has in the model's precision
+
+
+@dataclass
+class Prefix:
+    """The affine start of a module's forward (conv → BN before an activation): a parent may fold
+    it into the ops before the call, leaving the module to do only the rest."""
+
+    output: fx.Node  # last node of the prefix, in the module's own graph
+    expr: L.Expr  # relative to the module's input
+    value: torch.Tensor  # its recorded float64 value (for the parent's self-check)
+
+
+@dataclass
+class ModulePlan:
+    path: str
+    module: nn.Module
+    gm: fx.GraphModule | None = None
+    summary: L.Expr | None = None  # the whole forward as one op of its single input
+    summary_error: float = 0.0
+    summary_dtype: torch.dtype | None = None
+    regions: list[Region] = field(default_factory=list)
+    prefix: Prefix | None = None
+    strip_prefix: bool = False  # set by apply when the parent folded the prefix in
+    note: str = ""
+
+
+Cands = dict[fx.Node, dict[fx.Node, L.Expr]]
+
+
+class Context:
+    """What region choice needs from the analysis of one module's graph."""
+
+    def __init__(self, replay: Replay, constants: set[fx.Node], records: dict[int, CallRecord],
+                 prefix_values: dict[int, torch.Tensor], skip: Any) -> None:
+        self.replay = replay
+        self.values = replay.values
+        self.constants = constants
+        self.records = records
+        self.prefix_values = prefix_values
+        self.skip = skip  # (module path, reason) → None
+
+    def output_value(self, node: fx.Node) -> Any:
+        """The value `node` had when it was computed (before any later in-place change)."""
+        return self.replay.initial.get(node, self.values.get(node))
+
+
+def site_label(path: str, node: fx.Node) -> str:
+    label = node.target if node.op == "call_module" else node.name
+    return f"{path}.{label}" if path else str(label)
+
+
+def choose_regions(plan: ModulePlan, cands: Cands, ctx: Context) -> None:
+    consumed: set[fx.Node] = set()
+    for y in reversed(list(plan.gm.graph.nodes)):
+        if y in consumed or y not in cands:
+            continue
+        options = sorted(((b, e) for b, e in cands[y].items() if b is not y),
+                         key=lambda be: (-len(be[1].nodes), be[1].ops))
+        for i, (base, expr) in enumerate(options):
+            if expr.ops < 2 or _single_child(expr):
+                continue
+            problem = region_problem(expr.nodes, y, consumed, ctx)
+            dtype, dtype_problem = common_dtype(expr.nodes | {base}, ctx.replay)
+            problem = problem or dtype_problem
+            if problem is None and L.op_cost(expr.op) > expr.cost * COST_SLACK:
+                problem = costlier(expr.op, expr.cost)
+            if problem is None and any(p < 0 for p in expr.op.padding):
+                problem = "the sub-graph crops more than it pads: not one conv on its own"
+            error = 0.0
+            if problem is None:
+                target = ctx.output_value(y)
+                if expr.partial:
+                    target = ctx.prefix_values.get(id(plan.gm.get_submodule(y.target)))
+                error, problem = self_check(expr, ctx.values.get(base), target)
+            if problem:
+                if i == 0:
+                    ctx.skip(site_label(plan.path, y), problem)
+                continue
+            plan.regions.append(Region(base, y, expr, error, dtype))
+            consumed |= expr.nodes
+            break
+
+
+def common_dtype(nodes: set[fx.Node] | frozenset[fx.Node], replay: Replay,
+                 ) -> tuple[torch.dtype | None, str | None]:
+    """The one dtype all tensor values of `nodes` have in the model's own precision, or a reason."""
+    kinds = {replay.dtypes[n] for n in nodes if n in replay.dtypes}
+    if len(kinds) > 1:
+        names = ", ".join(sorted(str(k).removeprefix("torch.") for k in kinds))
+        return None, (f"the sub-graph computes in more than one dtype ({names}): one fused layer would change "
+                      "the dtype of its output")
+    return (kinds.pop() if kinds else None), None
+
+
+def _single_child(expr: L.Expr) -> bool:
+    """The region is one child call: the child is collapsed in place instead (its parent keeps its class)."""
+    return len(expr.nodes) == 1 and next(iter(expr.nodes)).op == "call_module"
+
+
+def self_check(expr: L.Expr, x: Any, y: Any) -> tuple[float, str | None]:
+    """Run the fused op on the recorded input of the sub-graph and compare with its recorded output."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        return float("inf"), "the sub-graph's input or output is not a single tensor"
+    try:
+        out = K.apply_op(expr.op, x.double())
+    except RuntimeError as exc:
+        return float("inf"), f"internal self-check failed: the fused layer does not run ({exc})"
+    if out.shape != y.shape:
+        return float("inf"), (f"internal self-check failed: fused output shape {tuple(out.shape)} differs "
+                              f"from {tuple(y.shape)}")
+    err = float((out - y.double()).abs().max()) if out.numel() else 0.0
+    scale = float(y.double().abs().max()) if y.numel() else 0.0
+    if not err <= SELF_CHECK_RTOL * max(scale, 1e-30) + 1e-300:
+        return err, (f"internal self-check failed: the fused op is off by {err:.3g} (scale {scale:.3g}); "
+                     "left unfused")
+    return err, None
+
+
+def region_problem(nodes: frozenset[fx.Node], y: fx.Node, consumed: set[fx.Node], ctx: Context) -> str | None:
+    """Why these nodes cannot become one layer (an inner value used outside, a shared module, an
+    effect on a value the sub-graph would no longer compute)."""
+    for n in nodes:
+        if n in consumed:
+            return f"'{n.name}' is already part of another fused site"
+        if n is not y:
+            outside = [u.name for u in n.users if u not in nodes]
+            if outside:
+                return (f"intermediate value '{n.name}' is also used by '{outside[0]}' outside the linear "
+                        "sub-graph")
+            if n in ctx.replay.mutated:
+                return f"'{n.name}' is changed in place inside the sub-graph"
+        elif n in ctx.replay.mutated and not E.fresh(n):
+            return f"'{n.name}' is changed in place and shares memory with another value"
+        if n.op == "call_module":
+            child = n.graph.owning_module.get_submodule(n.target)
+            rec = ctx.records.get(id(child))
+            if rec is not None and rec.calls > 1:
+                return f"module '{n.target}' is called more than once (shared weights)"
+            reader = outside_reader(n.graph, n.target, nodes, ctx.constants)
+            if reader is not None:
+                return f"the weights of '{n.target}' are also read by '{reader}' outside the sub-graph"
+    return None
+
+
+def outside_reader(graph: fx.Graph, target: str, nodes: frozenset[fx.Node], constants: set[fx.Node],
+                   ) -> str | None:
+    """A node outside `nodes` that reads a tensor of module `target` (directly or through constant
+    arithmetic), which would break once the module is removed with the region."""
+    todo = [n for n in graph.nodes if n.op == "get_attr" and n.target.startswith(f"{target}.")]
+    seen: set[fx.Node] = set()
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in nodes or u in seen:
+                continue
+            seen.add(u)
+            if u in constants:
+                todo.append(u)  # still constant arithmetic: follow it
+            else:
+                return u.name
+    return None
+
+
+def summarise(plan: ModulePlan, cands: Cands, ctx: Context, rec: CallRecord) -> None:
+    """Set plan.summary when the whole forward is one op of its single tensor input."""
+    nodes = list(plan.gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    used = [p for p in placeholders if p.users]
+    output = nodes[-1]
+    if len(used) != 1 or len(output.args) != 1 or not isinstance(output.args[0], fx.Node):
+        return
+    x, y = used[0], output.args[0]
+    if used[0] is not placeholders[0] or rec.mutates or x in ctx.replay.mutated:
+        return
+    # nodes that yield no tensor (shape queries, `_assert`) are checks, not computation
+    compute = {n for n in nodes if n.op not in ("placeholder", "output") and n not in ctx.constants
+               and isinstance(ctx.values.get(n), torch.Tensor)}
+    if y is x:
+        plan.summary = cands[x].get(x)
+        plan.summary_dtype = ctx.replay.dtypes.get(x)
+        return
+    expr = cands.get(y, {}).get(x)
+    if expr is not None and not expr.partial and compute <= expr.nodes and not (expr.nodes & ctx.replay.mutated):
+        dtype, problem = common_dtype(expr.nodes | {x}, ctx.replay)
+        error, problem = self_check(expr, ctx.values.get(x), ctx.values.get(y)) if problem is None else (0.0, problem)
+        if problem is None:
+            plan.summary, plan.summary_error, plan.summary_dtype = expr, error, dtype
+            return
+    plan.prefix = find_prefix(plan, cands, x, ctx)
+
+
+def find_prefix(plan: ModulePlan, cands: Cands, x: fx.Node, ctx: Context) -> Prefix | None:
+    """The largest affine sub-graph that starts at the input `x` and through which `x` flows entirely."""
+    best: Prefix | None = None
+    values = ctx.values
+    for y, c in cands.items():
+        expr = c.get(x)
+        if y is x or expr is None or expr.partial or expr.ops < 1 or not y.users:
+            continue
+        if best is not None and len(expr.nodes) <= len(best.expr.nodes):
+            continue
+        if expr.nodes & ctx.replay.mutated or common_dtype(expr.nodes | {x}, ctx.replay)[1]:
+            continue
+        inside = expr.nodes | {x}
+        value = values.get(y)
+        if any(outside_reader(plan.gm.graph, n.target, expr.nodes, ctx.constants)
+               for n in expr.nodes if n.op == "call_module"):
+            continue
+        same_shape = isinstance(value, torch.Tensor) and value.shape == getattr(values.get(x), "shape", None)
+        # checks on the input (`_assert(x.ndim == 4)`) still hold when the prefix keeps the shape
+        if any(u not in inside and not (n is x and same_shape and not isinstance(values.get(u), torch.Tensor))
+               for n in inside - {y} for u in n.users):
+            continue
+        if not isinstance(value, torch.Tensor) or self_check(expr, values.get(x), value)[1]:
+            continue
+        best = Prefix(y, expr, value)
+    if best is not None:
+        try:
+            graph_to_program(plan.gm.graph)  # the stripped module must be storable as a GraphBlock
+        except UnsupportedProgram:
+            return None
+    return best
