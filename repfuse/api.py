@@ -84,7 +84,7 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
         work = copy.deepcopy(model)
         dtypes = rewrite.original_dtypes(work)
         work.double()
-        analysis = rewrite.analyse(work, verify.make_inputs(shapes, torch.float64, options.seed))
+        analysis = rewrite.analyse(work, verify.make_inputs(shapes, torch.float64, options.seed), dtypes)
     with clock.stage("fuse", "fusing"):
         applied = rewrite.apply(work, analysis, dtypes, verify.model_dtype(model))
         fused64 = copy.deepcopy(applied.model)
