@@ -229,6 +229,7 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         consumed_modules.extend(sorted({n.target for n in inner if n.op == "call_module"}))
     regions = [r for r in regions if not _touches_frozen(r, path, frozen, analysis)]
     names = _fused_names(m, len(regions))
+    strips: list[ModulePlan] = []  # children whose prefix a region takes over (marked once the block exists)
     new_layers: list[tuple[str, nn.Module, Region, int]] = []
     for region, name in zip(regions, names):
         base = region.base
@@ -251,7 +252,7 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
             replaced[region.output] = new
         else:
             child = m.get_submodule(kept.target)
-            analysis.plans[id(child)].strip_prefix = True
+            strips.append(analysis.plans[id(child)])
             before += sum(p.numel() for n in analysis.plans[id(child)].prefix.expr.nodes if n.op == "call_module"
                           for p in child.get_submodule(n.target).parameters())
             with graph.inserting_before(kept):
@@ -265,6 +266,11 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
     graph.eliminate_dead_code(is_impure_node=E.is_impure)
     still_used = {n.target for n in graph.nodes if n.op == "get_attr"}
     consumed_attrs = attrs_before - still_used
+    graph.lint()
+    # the only step that may still refuse (UnsupportedProgram): nothing outside the graph has changed yet
+    block = GraphBlock(graph_to_program(graph), source_class=type(m).__qualname__)
+    for child_plan in strips:
+        child_plan.strip_prefix = True
     attr_params = 0
     for t in consumed_attrs:
         owner, _, leaf = t.rpartition(".")
@@ -276,9 +282,6 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
             del holder._parameters[leaf]
         elif leaf in holder._buffers:
             del holder._buffers[leaf]
-    graph.lint()
-
-    block = GraphBlock(graph_to_program(graph), source_class=type(m).__qualname__)
     for name, child in m._modules.items():
         block.add_module(name, child)
     for t in consumed_modules:
