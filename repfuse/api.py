@@ -210,7 +210,8 @@ def _fuse_and_verify(loaded: rio.LoadedCheckpoint, options: Options, command: st
     with clock.stage("verify", "verifying on random inputs"):
         ver = verify.compare(loaded.model, result.model, result.input_shapes, atol=options.atol,
                              rtol=options.rtol, trials=options.trials, seed=options.seed,
-                             worst_sites=_site_errors(result), fused64=result.fused64)
+                             worst_sites=_site_errors(result), fused64=result.fused64,
+                             extra=options.verify_shapes)
     summary = _summary(loaded.model, result.model, result.sites, result.input_shapes, options.seed)
     report = Report(tool=_tool(), command=command, input=_input_info(loaded), output=None,
                     fusions=tuple(result.sites), skipped=tuple(result.skipped), summary=summary,
@@ -223,7 +224,7 @@ def _fuse_and_verify(loaded: rio.LoadedCheckpoint, options: Options, command: st
             mapped = verify.compare(loaded.model, deployed.model, result.input_shapes, atol=options.atol,
                                     rtol=options.rtol, trials=options.trials, seed=options.seed,
                                     worst_sites=_site_errors(result), fused64=deployed.model64,
-                                    exact=deployed.model64 is not None)
+                                    exact=deployed.model64 is not None, extra=options.verify_shapes)
         report = replace(report, verification=mapped if ver.passed else ver)
     return report, result, deployed
 
@@ -400,7 +401,7 @@ def _compare_against(model: nn.Module, other: nn.Module, shapes: tuple[tuple[int
     The float64 figure compares both models upcast; it is only ~exact when `other` holds float64
     weights, so here the pass/fail decision is made in the models' own dtype alone."""
     ver = verify.compare(model, other, shapes, atol=options.atol, rtol=options.rtol, trials=options.trials,
-                         seed=options.seed, exact=False)
+                         seed=options.seed, exact=False, extra=options.verify_shapes)
     return ver
 
 

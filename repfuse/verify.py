@@ -1,6 +1,10 @@
 """Numerical verification: the fused model against the original on seeded random inputs.
 
-Two checks, both on every trial:
+Every shape is checked twice — the given (or inferred) one on every trial, and by default one
+other input size of the other parity with another batch size, wherever the original accepts it
+(a decision taken at one recorded shape shows up at another) — and each run gets its own fresh
+inputs, a seeded random generator and leaves the model as it was (`outputs`). Outputs must agree
+in structure, dtype and device, and in value, by two checks:
 
 - exactness, in float64: a correct fusion agrees to ~1e-12 relative, so anything above
   `EXACT_RTOL` is a wrong fusion, not rounding;
@@ -11,6 +15,7 @@ Two checks, both on every trial:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from . import effects as E
+from .dtypes import Float64Mode
 from .types import RepfuseError, Verification
 
 EXACT_RTOL = 1e-9
@@ -65,21 +72,98 @@ def flat_outputs(out: Any) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
-def run(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return flat_outputs(model(*inputs))
+def outputs(model: Any, inputs: tuple[torch.Tensor, ...], *, float64: bool = False, seed: int = 0,
+            grad: bool = False) -> Any:
+    """`model(*inputs)` as repfuse runs every model: without gradients (unless `grad`), on its own fresh
+    copy of every input (a forward may change its input in place), with the random generator seeded (and
+    the caller's state kept), and leaving the model exactly as it was (buffers a forward updates,
+    attributes it sets). With `float64`, every floating computation is float64 (casts included)."""
+    fresh = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
+    guard = E.preserved_state(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
+    mode = Float64Mode() if float64 else contextlib.nullcontext()
+    devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
+    with guard, torch.random.fork_rng(devices=devices), torch.set_grad_enabled(grad), mode:
+        torch.manual_seed(seed)
+        return model(*fresh)
+
+
+def _tensors(model: Any) -> list[torch.Tensor]:
+    if not isinstance(model, nn.Module):
+        return []
+    return [*model.parameters(), *model.buffers()]
+
+
+def run(model: Any, inputs: tuple[torch.Tensor, ...], *, float64: bool = False) -> list[torch.Tensor]:
+    """The output tensors of `outputs(model, inputs)`, flattened."""
+    return flat_outputs(outputs(model, inputs, float64=float64))
 
 
 def check_runs(model: nn.Module, shapes: Sequence[tuple[int, ...]], seed: int) -> None:
     """Raise a RepfuseError with a hint when the model cannot run on inputs of `shapes`."""
     try:
         run(model, make_inputs(shapes, model_dtype(model), seed))
+    except RepfuseError:
+        raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         shown = " ".join("x".join(map(str, s)) for s in shapes)
         raise RepfuseError(f"the model does not run on input shape {shown}: {first[:200]}",
                            "pass the right --input-shape (one per model input), e.g. "
                            "--input-shape 1,3,224,224") from exc
+
+
+# ----------------------------------------------------------------------------------------------
+# Which shapes to check
+
+
+Shapes = tuple[tuple[int, ...], ...]
+
+
+def _other_size(n: int) -> int:
+    """A smaller size of the other parity (about a quarter for large sizes, never below 33 or 1)."""
+    t = max(n // 4, min(n - 1, 33))
+    if t % 2 == n % 2:
+        t += 1
+    return t if 1 <= t != n else n + 1
+
+
+def candidate_shapes(shapes: Shapes) -> list[Shapes]:
+    """Other input shapes worth checking, cheapest first: batch + 1 with every spatial axis (axes ≥ 2)
+    resized to the other parity, smaller, then larger; token inputs [B, L, C] with axis 1 resized; and
+    batch + 1 alone. The caller keeps the first one the original model accepts."""
+    def each(f: Any) -> Shapes:
+        return tuple(f(s) for s in shapes)
+
+    out: list[Shapes] = []
+    if any(len(s) > 2 for s in shapes):
+        out.append(each(lambda s: (s[0] + 1, *s[1:2], *(_other_size(n) for n in s[2:]))))
+        out.append(each(lambda s: (s[0] + 1, *s[1:2], *(n + 1 for n in s[2:]))))
+    if any(len(s) == 3 for s in shapes):
+        out.append(each(lambda s: (s[0] + 1, _other_size(s[1]), *s[2:]) if len(s) == 3 else (s[0] + 1, *s[1:])))
+    out.append(each(lambda s: (s[0] + 1, *s[1:]) if s else s))
+    return [c for i, c in enumerate(out) if c != tuple(shapes) and c not in out[:i]]
+
+
+def extra_shapes(model: nn.Module, shapes: Shapes, seed: int) -> tuple[list[Shapes], list[Shapes]]:
+    """(extra shapes to check, candidates the original rejects): the first candidate (see
+    `candidate_shapes`) that the original model runs on — a model that accepts one size only is then
+    checked at another batch size at least, where it accepts that."""
+    dtype = model_dtype(model)
+    rejected = []
+    for cand in candidate_shapes(shapes):
+        try:
+            run(model, make_inputs(cand, dtype, seed))
+        except RepfuseError:
+            raise
+        except Exception:
+            rejected.append(cand)
+            continue
+        return [cand], rejected
+    return [], rejected
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing
 
 
 def _errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float, float]:
@@ -90,18 +174,40 @@ def _errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float,
     for x, y in zip(a, b):
         if x.numel() == 0:
             continue
-        d = (x.double() - y.double()).abs()
+        d = (x.detach().double() - y.detach().double()).abs()
         e = float(d.max()) if not torch.isnan(d).any() else float("inf")
         err = max(err, e)
-        scale = max(scale, float(y.double().abs().max()))
+        scale = max(scale, float(y.detach().double().abs().max()))
     return err, scale, err / scale if scale > 0 else err
+
+
+def interface_difference(ref: Any, got: Any) -> str | None:
+    """How `got` differs from `ref` in structure (tuple/list/dict/namedtuple), shapes, dtypes or devices."""
+    la, sa = tree_flatten(ref)
+    lb, sb = tree_flatten(got)
+    if sa != sb:
+        return f"the output structure differs ({type(ref).__name__} vs {type(got).__name__}: {sa} vs {sb})"
+    for i, (x, y) in enumerate(zip(la, lb)):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return f"output {i} is {type(x).__name__} in the original, {type(y).__name__} in the deploy model"
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape:
+                return f"output {i} has shape {tuple(x.shape)} in the original, {tuple(y.shape)} in the deploy model"
+            if x.dtype != y.dtype or x.device != y.device:
+                return (f"output {i} is {x.dtype} on {x.device} in the original, {y.dtype} on {y.device} in "
+                        "the deploy model")
+        elif x != y:
+            return f"output {i} is {x!r} in the original, {y!r} in the deploy model"
+    return None
 
 
 def compare(original: nn.Module, fused: nn.Module, shapes: Sequence[tuple[int, ...]], *, atol: float | None,
             rtol: float | None, trials: int, seed: int,
             worst_sites: Sequence[tuple[str, float]] = (), fused64: nn.Module | None = None,
-            exact: bool = True) -> Verification:
-    """Run both models on `trials` seeded inputs in float64 and in the model's dtype.
+            exact: bool = True, extra: Sequence[Shapes] | None = None) -> Verification:
+    """Run both models on `trials` seeded inputs in float64 and in the model's dtype, at `shapes`, and
+    once more at every shape of `extra` (None: one other size and batch the original accepts, chosen by
+    `extra_shapes`; (): none). Outputs must also agree in structure, dtype and device.
 
     `fused64` is the fused model before its new weights were cast to the model's dtype (the
     exactness check needs float64 weights); without it, `fused` is upcast. With `exact=False`
@@ -111,36 +217,49 @@ def compare(original: nn.Module, fused: nn.Module, shapes: Sequence[tuple[int, .
     d_atol, d_rtol = default_tolerances(dtype)
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
+    shapes = tuple(tuple(s) for s in shapes)
+    others = extra_shapes(original, shapes, seed)[0] if extra is None else [tuple(map(tuple, e)) for e in extra]
     o64 = copy.deepcopy(original).double().eval()
     f64 = copy.deepcopy(fused64 if fused64 is not None else fused).double().eval()
     exact_abs = exact_rel = max_abs = max_rel = 0.0
     passed, message = True, ""
-    for t in range(trials):
-        x64 = make_inputs(shapes, torch.float64, seed + t)
-        ref64 = run(o64, x64)
-        e_abs, _, e_rel = _errors(run(f64, x64), ref64)
+    runs = [(shapes, seed + t) for t in range(trials)] + [(s, seed + trials + i) for i, s in enumerate(others)]
+    for shape_set, trial_seed in runs:
+        where = "" if shape_set == shapes else f" at input shape {_fmt_shapes(shape_set)}"
+        x64 = make_inputs(shape_set, torch.float64, trial_seed)
+        ref64 = flat_outputs(outputs(o64, x64, float64=True, seed=trial_seed))
+        e_abs, _, e_rel = _errors(flat_outputs(outputs(f64, x64, float64=True, seed=trial_seed)), ref64)
         exact_abs, exact_rel = max(exact_abs, e_abs), max(exact_rel, e_rel)
         # the deploy model itself, in its own dtype (for a float64 model too: fused64 is a copy)
         xd = tuple(x.to(dtype) for x in x64)
-        ref_d, fused_d = run(original, xd), run(fused, xd)
+        out_ref, out_fused = outputs(original, xd, seed=trial_seed), outputs(fused, xd, seed=trial_seed)
+        ref_d, fused_d = flat_outputs(out_ref), flat_outputs(out_fused)
         a_abs, a_scale, a_rel = _errors(fused_d, ref_d)
         own_err = _errors(ref_d, ref64)[0]
         fused_err = _errors(fused_d, ref64)[0]
         ok = a_abs <= atol + rtol * a_scale or fused_err <= 2 * own_err + atol
         max_abs, max_rel = max(max_abs, a_abs), max(max_rel, a_rel)
-        if exact and not (e_rel <= EXACT_RTOL) and passed:
+        interface = interface_difference(out_ref, out_fused)
+        if interface and passed:
+            passed, message = False, f"{interface}{where}"
+        elif exact and not (e_rel <= EXACT_RTOL) and passed:
             passed = False
-            message = (f"float64 outputs differ by {e_abs:.3g} (relative {e_rel:.3g} > {EXACT_RTOL:g}): "
+            message = (f"float64 outputs differ by {e_abs:.3g} (relative {e_rel:.3g} > {EXACT_RTOL:g}){where}: "
                        "a fusion is wrong, not just rounded")
         elif not ok and passed:
             passed = False
             message = (f"{dtype} outputs differ by {a_abs:.3g} (> atol {atol:g} + rtol {rtol:g} × "
-                       f"{a_scale:.3g})")
+                       f"{a_scale:.3g}){where}")
     worst = tuple(sorted(worst_sites, key=lambda kv: -kv[1])[:5]) if not passed else ()
     return Verification(passed=passed, max_abs_error=max_abs, max_rel_error=max_rel,
                         exact_max_abs_error=exact_abs, exact_max_rel_error=exact_rel, atol=atol, rtol=rtol,
-                        trials=trials, input_shape=tuple(tuple(s) for s in shapes), seed=seed,
-                        dtype=str(dtype).removeprefix("torch."), worst_sites=worst, message=message)
+                        trials=trials, input_shape=shapes, seed=seed,
+                        dtype=str(dtype).removeprefix("torch."), worst_sites=worst, message=message,
+                        shapes_checked=(shapes, *others))
+
+
+def _fmt_shapes(shapes: Shapes) -> str:
+    return " ".join("x".join(map(str, s)) for s in shapes)
 
 
 def count_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int | None:
@@ -148,8 +267,8 @@ def count_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int | None
     try:
         from torch.utils.flop_counter import FlopCounterMode
 
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*inputs)
+        with FlopCounterMode(display=False) as counter:
+            outputs(model, inputs)
         return int(counter.get_total_flops() // 2)
     except Exception:
         return None

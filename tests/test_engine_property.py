@@ -14,7 +14,9 @@ model does not run, or whose branches give different shapes (a sum that broadcas
 For every drawn model, after randomising every statistic and parameter (models_zoo.randomize):
 
 - float64, on a fresh input: the deploy model's float64 twin equals the original to < 1e-9 relative (to the
-  output, or to the branch values where the branches cancel);
+  output, or to the branch values where the branches cancel) — at the fused shape and at three other input
+  shapes (other batch sizes, each spatial size larger and smaller, of both parities) wherever the original
+  runs on them: a decision taken at the one recorded shape must hold at every size;
 - the deploy model itself, in the model's dtype, passes verify.compare with the default tolerances;
 - every fused site's own float64 error is tiny, every refusal has a reason, the original is untouched.
 
@@ -472,18 +474,40 @@ def reason_class(reason: str) -> str:
     return " ".join(text.split())[:70]
 
 
-def float64_errors(model: RandomBlock, fused64: nn.Module, spec: Spec, seed: int) -> tuple[float, float, float]:
+def other_shapes(spec: Spec) -> list[tuple[int, ...]]:
+    """Input shapes besides the one fused at: other batch sizes, every spatial size of the other parity,
+    larger and smaller (a decision taken at the recorded size must hold at all of them)."""
+    s = spec.size
+    return [(1, spec.channels, *(n + 1 for n in s)), (3, spec.channels, *(n + 2 for n in s)),
+            (N + 2, spec.channels, *(max(n - 1, 1) for n in s))]
+
+
+def float64_errors(model: RandomBlock, fused64: nn.Module, spec: Spec, seed: int,
+                   shape: tuple[int, ...] | None = None) -> tuple[float, float, float] | None:
     """(max |fused − original|, max |original output|, max |output or branch value|) in float64, on a fresh
-    input. The last is the scale of a sum's rounding: a block whose branches cancel (a − a) has a ~0 output."""
+    input of `shape` (spec.shape by default). The last is the scale of a sum's rounding: a block whose
+    branches cancel (a − a) has a ~0 output. None where the original itself does not run on `shape`."""
     a, b = copy.deepcopy(model).double().eval(), copy.deepcopy(fused64).double().eval()
-    x = torch.randn(spec.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x = torch.randn(shape or spec.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     with torch.no_grad():
-        ra, rb = flat(a(x)), flat(b(x))
-        terms = [a.branch(i, x)[0] for i in range(len(spec.branches))]
+        try:
+            ra = flat(a(x))
+            terms = [a.branch(i, x)[0] for i in range(len(spec.branches))]
+        except (RuntimeError, ValueError):
+            if shape is None:
+                raise
+            return None
+        rb = flat(b(x))
     assert len(ra) == len(rb) and all(p.shape == q.shape for p, q in zip(ra, rb)), "different outputs"
     err = max(float((p - q).abs().max()) for p, q in zip(ra, rb))
     out = max(float(p.abs().max()) for p in ra)
     return err, out, max([out] + [float(t.abs().max()) for t in terms])
+
+
+def _in_hypothesis() -> bool:
+    from hypothesis.control import _current_build_context
+
+    return _current_build_context.value is not None
 
 
 def check_fusion(model: RandomBlock, spec: Spec):
@@ -497,6 +521,15 @@ def check_fusion(model: RandomBlock, spec: Spec):
     err, out, scale = float64_errors(model, result.fused64, spec, fresh)
     assert err <= EXACT * scale, (f"WRONG MODEL: float64 error {err:.3g} (output scale {out:.3g}, branch scale "
                                   f"{scale:.3g}); sites={result.sites}; skipped={result.skipped}\n{result.model}")
+    for shape in other_shapes(spec):  # every input size and batch size the original accepts
+        found = float64_errors(model, result.fused64, spec, fresh + 1, shape)
+        if found is None:  # (the hand-picked specs run outside hypothesis: no event there)
+            if _in_hypothesis():
+                event("an other input size: the original does not run")
+            continue
+        e, _, sc = found
+        assert e <= EXACT * sc, (f"WRONG MODEL at input shape {shape}: float64 error {e:.3g} (scale {sc:.3g}); "
+                                 f"sites={result.sites}; skipped={result.skipped}\n{result.model}")
     cancels = out < 1e-6 * scale
     if cancels:  # verify's float64 check is relative to the output: it cannot judge a ~0 output
         event("output cancels to ~0 (a − a): verify.compare not asked")
