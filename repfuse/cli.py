@@ -20,6 +20,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -54,6 +55,13 @@ from .cli_common import (
     TrustOpt,
 )
 from .types import RepfuseError, Report, VerificationFailed
+from .verify import shape_sets
+
+VerifyShapesOpt = Annotated[list[str] | None, typer.Option(
+    "--verify-shapes", metavar="SHAPES", show_default=False,
+    help="Also verify at these input shapes (repeatable; the shapes of several inputs separated by ';'), or "
+    "'none' for --input-shape only. Default 'auto': one other size of the other parity with batch + 1, "
+    "where the model runs on it.")]
 
 app = typer.Typer(
     name="repfuse",
@@ -184,6 +192,7 @@ def convert(
     rtol: RtolOpt = None,
     seed: SeedOpt = 0,
     trials: TrialsOpt = 3,
+    verify_shapes: VerifyShapesOpt = None,
     max_inflate: MaxInflateOpt = common.DEFAULT_MAX_INFLATE_MIB,
     max_modules: MaxModulesOpt = common.DEFAULT_MAX_MODULES,
     force: Annotated[bool, typer.Option("--force", help="Write OUT even if verification fails.")] = False,
@@ -210,6 +219,7 @@ def convert(
         options = build_options(input_shape, allow, trust, atol, rtol, seed, trials, force, model=model,
                                 model_arg=model_arg, deploy_model=deploy_model, deploy_model_arg=deploy_model_arg,
                                 keymap=keymap, max_inflate=max_inflate, max_modules=max_modules)
+        options = replace(options, verify_shapes=shape_sets(verify_shapes, parse_shape))
         common.existing_file(src, "input file")
         if common.same_path(src, dst):
             raise RepfuseError(f"OUT is the same file as IN: {dst}",
@@ -258,6 +268,7 @@ def verify(
     rtol: RtolOpt = None,
     seed: SeedOpt = 0,
     trials: TrialsOpt = 3,
+    verify_shapes: VerifyShapesOpt = None,
     max_inflate: MaxInflateOpt = common.DEFAULT_MAX_INFLATE_MIB,
     max_modules: MaxModulesOpt = common.DEFAULT_MAX_MODULES,
     model: ModelOpt = None,
@@ -278,6 +289,7 @@ def verify(
         options = build_options(input_shape, allow, trust, atol, rtol, seed, trials, model=model,
                                 model_arg=model_arg, deploy_model=deploy_model, deploy_model_arg=deploy_model_arg,
                                 max_inflate=max_inflate, max_modules=max_modules)
+        options = replace(options, verify_shapes=shape_sets(verify_shapes, parse_shape))
         common.existing_file(src, "input file")
         if against is not None:
             common.existing_file(against, "--against file")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -142,6 +142,21 @@ def candidate_shapes(shapes: Shapes) -> list[Shapes]:
         out.append(each(lambda s: (s[0] + 1, _other_size(s[1]), *s[2:]) if len(s) == 3 else (s[0] + 1, *s[1:])))
     out.append(each(lambda s: (s[0] + 1, *s[1:]) if s else s))
     return [c for i, c in enumerate(out) if c != tuple(shapes) and c not in out[:i]]
+
+
+def shape_sets(values: Sequence[str] | None, parse: Callable[[str], tuple[int, ...]]) -> tuple[Shapes, ...] | None:
+    """`--verify-shapes` values as `Options.verify_shapes`: nothing or 'auto' → None (chosen by
+    `extra_shapes`); 'none' → () (the given shapes only); else one shape set per value, the shapes of
+    several model inputs separated by ';' (each parsed by `parse`)."""
+    words = [v.strip().lower() for v in values or ()]
+    if not words or words == ["auto"]:
+        return None
+    if words in (["none"], ["off"]):
+        return ()
+    if any(w in ("auto", "none", "off") for w in words):
+        raise RepfuseError(f"--verify-shapes {' '.join(values or ())}: 'auto' and 'none' stand alone",
+                           "give either 'auto', 'none', or shapes such as --verify-shapes 2,3,57,57")
+    return tuple(tuple(parse(part) for part in v.split(";") if part.strip()) for v in values or ())
 
 
 def extra_shapes(model: nn.Module, shapes: Shapes, seed: int) -> tuple[list[Shapes], list[Shapes]]:

@@ -612,3 +612,26 @@ def test_deploy_models_keep_working_on_deployment_paths(path):
         else:
             got = torch.compile(res.model, backend="eager")(x)
     assert torch.allclose(want, got, atol=1e-5)
+
+
+def test_cli_verify_shapes_option(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from repfuse.cli import app
+
+    model = randomize(RepBlock()).eval()
+    src = tmp_path / "in.pt"
+    torch.save(model, src)
+    base = ["verify", str(src), "--allow", "test_soundness", "--input-shape", f"1,{C},12,12", "--json"]
+    runner = CliRunner()
+    for extra, want in ([], 2), (["--verify-shapes", "none"], 1), (["--verify-shapes", f"3,{C},7,9"], 2):
+        res = runner.invoke(app, base + extra)
+        assert res.exit_code == 0, res.output
+        checked = json.loads(res.stdout)["verification"]["shapes_checked"]
+        assert len(checked) == want and checked[0] == [[1, C, 12, 12]], checked
+        if extra[-1:] == [f"3,{C},7,9"]:
+            assert checked[1] == [[3, C, 7, 9]]
+    bad = runner.invoke(app, base + ["--verify-shapes", "auto", "--verify-shapes", "1,2"])
+    assert bad.exit_code == 2
