@@ -18,6 +18,8 @@ import ast
 import inspect
 import textwrap
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
 
 from torch import nn
 
@@ -69,7 +71,7 @@ class _Scanner:
         if getattr(fn, "__module__", "").startswith("torch."):
             return True
         try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+            tree = _parsed(fn)
         except (OSError, TypeError, SyntaxError, IndentationError):
             return False
         func = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
@@ -129,6 +131,12 @@ class _Scanner:
         self.reach.keep.add(mods[-1])
         container = self.module.get_submodule(mods[-1])
         self.reach.keep.update(f"{mods[-1]}.{name}" for name in container._modules)
+
+
+@lru_cache(maxsize=1024)
+def _parsed(fn: Any) -> ast.Module:
+    """The syntax tree of a function's source (cached: every instance of a class shares its code)."""
+    return ast.parse(textwrap.dedent(inspect.getsource(fn)))
 
 
 def _self_chain(node: ast.AST, self_name: str) -> list[str] | None:
@@ -326,7 +334,7 @@ def _scan_class_method(scanner: _Scanner, klass: type, name: str) -> None:
     fn = vars(klass)[name]
     fn = getattr(fn, "__func__", fn)
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        tree = _parsed(fn)
     except (OSError, TypeError, SyntaxError, IndentationError):
         scanner.reach.subtrees.add("")
         return
