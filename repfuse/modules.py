@@ -151,6 +151,11 @@ class GraphBlock(nn.Module):
         except Exception as exc:  # a checked program that fx still cannot build: refuse it
             raise InvalidProgram(f"its forward could not be generated ({type(exc).__name__})") from exc
 
+    def __prepare_scriptable__(self) -> fx.GraphModule:
+        """For ``torch.jit.script``: the compiled program (an fx GraphModule with a fixed signature,
+        sharing this block's parameters and children), which TorchScript can compile."""
+        return self._compile()
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         compiled = self.__dict__.get("_steps")
         if compiled is None:

@@ -73,3 +73,28 @@ def test_compiled_forward_follows_dtype_changes_and_new_children() -> None:
     assert block(x.double()).dtype == torch.float64
     block.act = torch.nn.Identity()  # a new child is used at once
     torch.testing.assert_close(block(x.double()), 2 * x.double())
+
+
+@pytest.mark.parametrize("build", ["repvgg_tiny", "acnet_tiny", "mobileone_tiny"])
+def test_deploy_models_script_where_the_original_scripts(build: str) -> None:
+    """torch.jit.script (LibTorch, mobile) works on a deploy model holding GraphBlocks wherever it
+    works on the original, and the scripted model computes the same at another size and batch."""
+    import warnings
+
+    from repfuse import api, samples
+    from repfuse.types import Options
+
+    torch.manual_seed(0)
+    model = samples.randomize_bn(getattr(samples, build)(), 0).float().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.jit.script(model)
+        except Exception:
+            pytest.skip("the original does not script")
+        deploy = api.fuse(model, Options(input_shapes=((2, 3, 32, 32),))).model
+        assert build != "repvgg_tiny" or any(isinstance(m, GraphBlock) for m in deploy.modules())
+        scripted = torch.jit.script(deploy)
+    x = torch.randn(3, 3, 37, 41)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-4)
