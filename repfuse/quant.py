@@ -113,11 +113,17 @@ class QuantReport:
     activations: str = ACTIVATIONS
     thresholds: tuple[tuple[str, float], ...] = (("sqnr_db", WARN_SQNR_DB), ("range_spread_median", WARN_SPREAD),
                                                  ("dominant", DOMINANT))
+    strict_db: float | None = None  # --strict-quant DB: fused sites whose int8_db is below it fail
 
     @property
     def flagged(self) -> tuple[LayerQuant, ...]:
         """Flagged fused sites, worst first."""
         return tuple(q for q in self.layers if q.fused and q.flagged)
+
+    @property
+    def failures(self) -> tuple[str, ...]:
+        """`strict_failures` at `strict_db`; () without it."""
+        return strict_failures(self, self.strict_db) if self.strict_db is not None else ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,4 +417,14 @@ def to_dict(q: QuantReport) -> dict[str, Any]:
         "layers": [layer(x) for x in q.layers],
         "output": ({**asdict(q.output), "input_shape": [list(s) for s in q.output.input_shape]}
                    if q.output else None),
+        "strict_db": q.strict_db,
+        "failures": list(q.failures),
     }
+
+
+def report(deploy: nn.Module, sites: Sequence[FusionSite], original: nn.Module | None = None,
+           inputs: tuple[torch.Tensor, ...] | None = None, strict_db: float | None = None) -> QuantReport:
+    """`analyse`, plus `output_sqnr` on `inputs` when given, with --strict-quant's `strict_db`."""
+    q = analyse(deploy, sites, original)
+    out = output_sqnr(deploy, inputs) if inputs is not None else None
+    return QuantReport(q.layers, out, strict_db=strict_db)

@@ -204,3 +204,4 @@ def test_json_section_is_plain_and_finite() -> None:
     row = next(r for r in d["layers"] if r["module"] == d["flagged"][0])
     assert row["flagged"] and row["worst_channels"][0]["channel"] == 7 and row["fused"]
     assert d["output"]["input_shape"] == [list(SHAPE)]
+
