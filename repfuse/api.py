@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -14,13 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, export, factory, keymap, rewrite, verify, weights
+from . import __version__, export, factory, input_size, keymap, programs, quant, rewrite, verify, weights
 from . import io as rio
 from . import report as rpt
 from .types import (
+    Diagnostic,
     FusionSite,
     ModuleInfo,
+    NotFullyDeployed,
     Options,
+    QuantStrictFailed,
     RepfuseError,
     Report,
     SkippedSite,
@@ -43,6 +47,8 @@ class FuseResult:
     notes: dict[str, str]
     input_shapes: tuple[tuple[int, ...], ...]
     timings: dict[str, float] = field(default_factory=dict)
+    input_source: str = "--input-shape"  # where the input size came from (input_size.InputSize.source)
+    input_guessed: bool = False  # nothing recorded it: guessed from the first layer
 
 
 class _Clock:
@@ -61,13 +67,21 @@ class _Clock:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
-def resolve_input_shapes(model: nn.Module, options: Options) -> tuple[tuple[int, ...], ...]:
-    shapes = options.input_shapes or verify.infer_input_shapes(model)
-    for s in shapes:
+def resolve_input_size(model: nn.Module, options: Options) -> input_size.InputSize:
+    """options.input_shapes, else the model's metadata, else a guess (see `input_size`); checked to run."""
+    if options.input_shapes:
+        size = input_size.InputSize(tuple(tuple(s) for s in options.input_shapes), "--input-shape", False)
+    else:
+        size = input_size.infer(model)
+    for s in size.shapes:
         if not s or any(d <= 0 for d in s):
             raise RepfuseError(f"invalid input shape {s}", "every dimension must be a positive integer")
-    verify.check_runs(model, shapes, options.seed)
-    return tuple(tuple(s) for s in shapes)
+    verify.check_runs(model, size.shapes, options.seed)
+    return size
+
+
+def resolve_input_shapes(model: nn.Module, options: Options) -> tuple[tuple[int, ...], ...]:
+    return resolve_input_size(model, options).shapes
 
 
 def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
@@ -79,7 +93,8 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
     """
     clock = clock or _Clock(progress)
     model.eval()
-    shapes = resolve_input_shapes(model, options)
+    size = resolve_input_size(model, options)
+    shapes = size.shapes
     with clock.stage("trace", "tracing and analysing modules"):
         work = copy.deepcopy(model)
         dtypes = rewrite.original_dtypes(work)
@@ -90,7 +105,7 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
         fused64 = copy.deepcopy(applied.model)
         rewrite.restore_dtypes(applied.model, dtypes)
     return FuseResult(applied.model, fused64, applied.sites, analysis.skipped, analysis.notes, shapes,
-                      clock.timings)
+                      clock.timings, size.source, size.guessed)
 
 
 def _summary(original: nn.Module, fused: nn.Module, sites: list[FusionSite],
@@ -114,6 +129,8 @@ def _input_info(loaded: rio.LoadedCheckpoint) -> dict[str, Any]:
         "container_key": loaded.key, "model_class": type(loaded.model).__qualname__,
         "kind": loaded.kind, "format": loaded.file_format,
     }
+    with contextlib.suppress(OSError):
+        info["size_bytes"] = loaded.path.stat().st_size
     if loaded.factory is not None:
         info["factory"] = loaded.factory
         info["factory_args"] = dict(loaded.factory_args)
@@ -149,9 +166,23 @@ def _load(src: Path, options: Options, clock: _Clock) -> rio.LoadedCheckpoint:
         return loaded
 
 
-def _warnings(result: FuseResult) -> tuple[str, ...]:
-    return tuple(f"{path or '<root>'}: {note}; its children were analysed on their own"
-                 for path, note in result.notes.items())
+def _diagnostics(result: FuseResult) -> tuple[Diagnostic, ...]:
+    """Untraceable modules (a warning only where a norm layer is left beneath them; else a note),
+    and a guessed input size."""
+    out = []
+    modules = dict(result.model.named_modules())
+    for path, note in result.notes.items():
+        sub = modules.get(path, result.model if not path else None)
+        left = rewrite.count_layers(sub)[1] if sub is not None else 1
+        level = "warning" if left else "info"
+        tail = (f"; {left} norm layer{'s' if left != 1 else ''} left beneath it" if left
+                else "; everything beneath it was fused or needs no fusing")
+        out.append(Diagnostic("untraced-module", f"{path or '<root>'}: {note}; its children were analysed on "
+                              f"their own{tail}", level, path))
+    if result.input_guessed:
+        out.append(Diagnostic("input-shape-guessed", f"input size {result.input_source} (the model records none): "
+                              "verification and exports use it; pass --input-shape, e.g. --input-shape 1,3,224,224"))
+    return tuple(out)
 
 
 @dataclass
@@ -213,9 +244,11 @@ def _fuse_and_verify(loaded: rio.LoadedCheckpoint, options: Options, command: st
                              worst_sites=_site_errors(result), fused64=result.fused64,
                              extra=options.verify_shapes)
     summary = _summary(loaded.model, result.model, result.sites, result.input_shapes, options.seed)
-    report = Report(tool=_tool(), command=command, input=_input_info(loaded), output=None,
+    report = Report(tool=_tool(), command=command,
+                    input={**_input_info(loaded), "input_shape_source": result.input_source}, output=None,
                     fusions=tuple(result.sites), skipped=tuple(result.skipped), summary=summary,
-                    verification=ver, timings=clock.timings, warnings=_warnings(result))
+                    verification=ver, timings=clock.timings, diagnostics=_diagnostics(result))
+    report = _quantization(report, loaded.model, result, options, clock)
     deployed = Deployed(result.model, result.fused64)
     if options.deploy_model and (ver.passed or options.force):
         with clock.stage("map", f"mapping the fused weights onto {options.deploy_model}"):
@@ -229,32 +262,53 @@ def _fuse_and_verify(loaded: rio.LoadedCheckpoint, options: Options, command: st
     return report, result, deployed
 
 
+def _quantization(report: Report, original: nn.Module, result: FuseResult, options: Options,
+                  clock: _Clock) -> Report:
+    """With options.quant_report or options.strict_quant_db: the INT8 weight analysis of repfuse's deploy
+    model (`quant.report`: every fused site, with causes from `original`, and the untouched layers; the
+    end-to-end output SQNR on the verification inputs), its warnings added to the diagnostics."""
+    if not options.quant_report and options.strict_quant_db is None:
+        return report
+    with clock.stage("quant", "analysing INT8 weight quantization"):
+        inputs = verify.make_inputs(result.input_shapes, torch.float32, options.seed)
+        q = quant.report(result.model, result.sites, original, inputs, options.strict_quant_db)
+    return replace(report, quantization=q, diagnostics=(*report.diagnostics, *quant.diagnostics(q)))
+
+
 def convert_file(src: Path, dst: Path, options: Options, progress: Progress | None = None) -> Report:
     """Load `src`, fuse, verify, write `dst` atomically in the format its suffix names (.pt,
     .safetensors, .pt2, .onnx), loading the written file back to check it. With
     options.deploy_model the fused weights are mapped onto the user's deploy model first, verified
     again, and written under its key names (options.keymap: the mapping as JSON).
 
-    Raises RepfuseError (bad input: before any work where it can) or VerificationFailed (nothing
-    written unless options.force)."""
+    Raises RepfuseError (bad input: before any work where it can), VerificationFailed (nothing
+    written unless options.force) or, with options.strict, NotFullyDeployed (nothing written)."""
     src, dst = Path(src), Path(dst)
     fmt = check_outputs(src, dst, options)
     clock = _Clock(progress)
     loaded = _load(src, options, clock)
     report, result, deployed = _fuse_and_verify(loaded, options, "convert", clock, progress)
+    report = replace(report, strict=options.strict)
     if not report.verification or (not report.verification.passed and not options.force):
         raise VerificationFailed(report)
+    gaps = rpt.deployment_gaps(report)
+    if options.strict and gaps:
+        raise NotFullyDeployed(replace(report, timings=clock.timings), tuple(gaps))
+    if report.quantization is not None and report.quantization.failures:
+        raise QuantStrictFailed(replace(report, timings=clock.timings), report.quantization.failures)
     weights.check_finite(weights.model_tensors(deployed.model), "the converted model",
                          f"a fused weight overflows {str(loaded.dtype).removeprefix('torch.')}; nothing was written "
                          "(convert a float32 copy of the checkpoint instead)")
     inputs = verify.make_inputs(result.input_shapes, loaded.dtype, options.seed)
     with clock.stage("save", f"writing {dst}"):
-        output = _write(fmt, dst, loaded, deployed, report, inputs, limits(options))
+        output = _write(fmt, dst, loaded, deployed, report, inputs, limits(options), options)
         if options.keymap is not None and deployed.keymap is not None:
             text = deployed.keymap.to_json().encode("utf-8")
             output["keymap"] = {"path": str(options.keymap),
                                 "sha256": rio.atomic_write(Path(options.keymap), lambda tmp: tmp.write_bytes(text))}
     output = {"path": str(dst), **output, "format": fmt, "verified": report.verification.passed}
+    with contextlib.suppress(OSError):
+        output["size_bytes"] = dst.stat().st_size
     return replace(report, output=output, timings=clock.timings)
 
 
@@ -263,8 +317,12 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed, report: Report,
-           inputs: tuple[torch.Tensor, ...], bounds: rio.Limits | None = None) -> dict[str, Any]:
-    """Write OUT in `fmt`; every writer checks the written file before it replaces `dst`."""
+           inputs: tuple[torch.Tensor, ...], bounds: rio.Limits | None = None,
+           options: Options | None = None) -> dict[str, Any]:
+    """Write OUT in `fmt`; every writer checks the written file before it replaces `dst`. A `.pt`
+    holds the deploy model (in the input's container) unless the weights go into the user's
+    --deploy-model: then its state_dict, under its key names."""
+    options = options or Options()
     extra: dict[str, Any] = {}
     if deployed.spec:
         extra["deploy_model"] = deployed.spec
@@ -273,11 +331,15 @@ def _write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed
         return {**export.write_safetensors(state, dst, _metadata(loaded, deployed, report, inputs),
                                            inputs=(loaded.path,)), **extra}
     if fmt == "pt2":
-        return {**export.write_pt2(deployed.model, inputs, dst, (loaded.path,)), **extra}
+        return {**export.write_pt2(deployed.model, inputs, dst, (loaded.path,), dynamic=not options.static),
+                **extra}
     if fmt == "onnx":
-        return {**export.write_onnx(deployed.model, inputs, dst, (loaded.path,)), **extra}
-    if loaded.kind == "model" and deployed.keymap is None:  # the input's container, the model replaced
+        return {**export.write_onnx(deployed.model, inputs, dst, (loaded.path,), dynamic=not options.static,
+                                    opset=options.opset), **extra}
+    if deployed.keymap is None:  # the input's container, the model (or the weights) replaced by the deploy model
         reference = verify.run(deployed.model, inputs)
+        if loaded.kind == "state_dict":  # its classes come from the --model the user named: they load with it
+            loaded = replace(loaded, allow=(*loaded.allow, *_class_modules(deployed.model)))
 
         def check_model(tmp: Path) -> None:
             again = rio.load_checkpoint(tmp, allow=loaded.allow, trust=loaded.trust, limits=bounds)
@@ -308,6 +370,12 @@ def _write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed
 
 
 _BUG_HINT = "this is a bug in repfuse; please report it with REPFUSE_DEBUG=1 output"
+
+
+def _class_modules(model: nn.Module) -> tuple[str, ...]:
+    """The modules defining `model`'s classes, outside torch and repfuse (allowed by default)."""
+    names = {type(m).__module__ for m in model.modules()}
+    return tuple(sorted(n for n in names if n.split(".")[0] not in ("torch", "repfuse", "builtins", "__main__")))
 
 
 def _same(reference: list[torch.Tensor], got: list[torch.Tensor], dst: Path) -> None:
@@ -356,19 +424,31 @@ def verify_file(src: Path, options: Options, against: Path | None = None,
     other = _load_against(Path(against), loaded, options, progress, clock)
     loaded.model.eval()
     other.model.eval()
-    shapes = resolve_input_shapes(loaded.model, options)
+    size = resolve_input_size(loaded.model, options)
+    shapes = size.shapes
     verify.check_runs(other.model, shapes, options.seed)
+    if isinstance(other.model, programs.OnnxModule) and options.verify_shapes is None:
+        options = replace(options, verify_shapes=())  # no autograd in onnxruntime: the given shapes only
     with clock.stage("verify", f"comparing with {against}"):
         ver = _compare_against(loaded.model, other.model, shapes, options)
     summary = _summary(loaded.model, other.model, [], shapes, options.seed)
-    return Report(tool=_tool(), command="verify", input=_input_info(loaded),
+    diagnostics = ((Diagnostic("input-shape-guessed", f"input size {size.source} (the model records none): pass "
+                               "--input-shape, e.g. --input-shape 1,3,224,224"),) if size.guessed else ())
+    return Report(tool=_tool(), command="verify", input={**_input_info(loaded), "input_shape_source": size.source},
                   output={"against": _input_info(other)}, fusions=(), skipped=(), summary=summary,
-                  verification=ver, timings=clock.timings)
+                  verification=ver, timings=clock.timings, diagnostics=diagnostics)
 
 
 def _load_against(path: Path, loaded: rio.LoadedCheckpoint, options: Options, progress: Progress | None,
                   clock: _Clock) -> rio.LoadedCheckpoint:
-    """`verify --against`: a whole model, or weights put into the deploy structure they belong to."""
+    """`verify --against`: a whole model, a .pt2 / .onnx program, or weights put into the deploy
+    structure they belong to."""
+    fmt = programs.program_format(path)
+    if fmt is not None:
+        with clock.stage("load", f"loading {path}"):
+            module, digest = programs.load_program(path, fmt, trust=options.trust)
+        return rio.LoadedCheckpoint(path=path, model=module, container=None, key=None, sha256=digest,
+                                    dtype=loaded.dtype, allow=loaded.allow, trust=loaded.trust, file_format=fmt)
     with clock.stage("load", f"loading {path}"):
         obj, digest, fmt = weights.read_weights(path, allow=options.allow, trust=options.trust,
                                                 limits=limits(options))
@@ -414,9 +494,10 @@ def inspect_file(src: Path, options: Options, progress: Progress | None = None) 
     result = fuse(loaded.model, options, progress, clock)
     summary = _summary(loaded.model, result.model, result.sites, result.input_shapes, options.seed)
     modules = _module_tree(loaded.model, result)
-    return Report(tool=_tool(), command="inspect", input=_input_info(loaded), output=None,
+    return Report(tool=_tool(), command="inspect",
+                  input={**_input_info(loaded), "input_shape_source": result.input_source}, output=None,
                   fusions=tuple(result.sites), skipped=tuple(result.skipped), summary=summary,
-                  verification=None, timings=clock.timings, warnings=_warnings(result), modules=modules)
+                  verification=None, timings=clock.timings, diagnostics=_diagnostics(result), modules=modules)
 
 
 def _module_tree(model: nn.Module, result: FuseResult) -> tuple[ModuleInfo, ...]:

@@ -1,39 +1,44 @@
-"""The `repfuse` command: parse flags, call one api function, render the report, map errors to exit codes.
+"""The `repfuse` command: parse flags, call one api function, render the result, map errors to exit codes.
 
-This is the only module that prints. Data (the rich report, or JSON with --json) goes to stdout;
-progress, warnings and errors go to stderr.
+This is the only module that prints (through `cli_output.Ui`): data (the human report, verdict
+line first, or exactly one JSON object with --json, also on errors) on stdout; progress, warnings
+and errors on stderr; GitHub Actions annotations and step summary when run there.
 
 Exit codes:
     0    ok (convert: written and verified, or written with --force despite a failed verification)
     1    verification failed (convert: nothing written; verify: outputs differ)
     2    usage or input error: one `error:` line and one `hint:` line on stderr
     3    internal error (a bug in repfuse): `error: internal error: <type>: <message>`
+    4    not fully deployed under --strict (a site skipped, a norm layer left, nothing fused), or a fused
+         site's INT8 weight SQNR below --strict-quant DB; nothing written
     130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM): temporary files removed, OUT untouched
-With REPFUSE_DEBUG=1 the Python traceback is printed on stderr before the error lines.
+A closed stdout (`| head`) does not change the exit code. With REPFUSE_DEBUG=1 the Python traceback
+is printed on stderr before the error lines.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.text import Text
+from typer._click import exceptions as click_exceptions
+from typer.core import TyperGroup
 
 from . import __version__, api
 from . import cli_common as common
 from . import report as rpt
 from .cli_common import (
     EXIT_INTERNAL,
+    EXIT_NOT_DEPLOYED,
     EXIT_OK,
     EXIT_USAGE,
     EXIT_VERIFY_FAILED,
@@ -47,14 +52,19 @@ from .cli_common import (
     MaxModulesOpt,
     ModelArgOpt,
     ModelOpt,
+    OpsetOpt,
     QuietOpt,
     ReportOpt,
     RtolOpt,
     SeedOpt,
+    StaticOpt,
+    StrictOpt,
     TrialsOpt,
     TrustOpt,
+    VerboseOpt,
 )
-from .types import RepfuseError, Report, VerificationFailed
+from .cli_output import Ui
+from .types import NotFullyDeployed, Options, QuantStrictFailed, RepfuseError, Report, VerificationFailed
 from .verify import shape_sets
 
 VerifyShapesOpt = Annotated[list[str] | None, typer.Option(
@@ -63,31 +73,79 @@ VerifyShapesOpt = Annotated[list[str] | None, typer.Option(
     "'none' for --input-shape only. Default 'auto': one other size of the other parity with batch + 1, "
     "where the model runs on it.")]
 
+QuantReportOpt = Annotated[bool, typer.Option(
+    "--quant-report", help="Add INT8 weight-quantization figures per fused site (and per untouched layer) to the "
+    "report: range spread, SQNR per tensor / per channel, worst channels and their cause.")]
+StrictQuantOpt = Annotated[float | None, typer.Option(
+    "--strict-quant", metavar="DB", show_default=False,
+    help="Exit 4 (convert: nothing written) when a fused site's INT8 weight SQNR (per tensor, or of its median "
+    "channel) is below DB dB, e.g. 30. Implies --quant-report; --strict alone never fails on it.")]
+
+
+def _quant_options(options: Options, quant_report: bool, strict_quant: float | None) -> Options:
+    """--quant-report / --strict-quant DB onto Options (DB: a finite number)."""
+    if strict_quant is not None and not abs(strict_quant) < float("inf"):
+        raise RepfuseError(f"--strict-quant must be a finite number of dB, got {strict_quant}",
+                           "for example --strict-quant 30")
+    return replace(options, quant_report=quant_report or strict_quant is not None, strict_quant_db=strict_quant)
+
+
+def _quant_failed(report: Report, what: str) -> tuple[str, str]:
+    q = report.quantization
+    failures = q.failures if q is not None else ()
+    shown = "; ".join(failures[:3]) + (f"; … {len(failures) - 3} more" if len(failures) > 3 else "")
+    return (f"INT8 weights below --strict-quant ({len(failures)} site{'s' if len(failures) != 1 else ''}): {shown}",
+            f"{what}; quantize those layers per channel or keep them in higher precision (see the quantization "
+            "table); without --strict-quant the report lists the same and the exit code is 0")
+
+
+_EXIT_CODES = ("Exit codes: 0 ok · 1 verification failed (nothing written) · 2 usage or input error · "
+               "3 internal error · 4 not fully deployed under --strict (nothing written) · 130 interrupted "
+               "(143 on SIGTERM).")
+
+
+class _Group(TyperGroup):
+    """Usage errors (a bad flag, a missing argument) become the CLI's own one-line error and hint,
+    and with --json also a JSON error object on stdout."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(args=argv, prog_name=prog_name or "repfuse", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else EXIT_OK
+        except click_exceptions.NoArgsIsHelpError as e:
+            e.show()
+            code = EXIT_USAGE
+        except click_exceptions.UsageError as e:
+            command = next((a for a in argv if a in self.commands), "")
+            options = [a for a in argv[: argv.index("--")] if a.startswith("-")] if "--" in argv else argv
+            ui = Ui(command, as_json="--json" in options)
+            ui.fail(e.format_message(), f"run 'repfuse {command} --help' for usage".replace("  ", " "), EXIT_USAGE)
+            code = EXIT_USAGE
+        except typer.Abort:
+            code = EXIT_USAGE
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
 app = typer.Typer(
     name="repfuse",
+    cls=_Group,
     help="Fuse re-parameterizable train-time branches (RepVGG, MobileOne, ACNet, DBB, ...) into one "
     "conv, from dataflow alone, and prove the result equal.",
+    epilog=_EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # plain help: no markup to swallow [onnx], no <bool> beside flags
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
 parse_shape = common.parse_shape
 build_options = common.build_options
-
-
-# ---------------------------------------------------------------------------------------------
-# output
-
-
-def _one_line(text: str) -> str:
-    return re.sub(r"\s*\n\s*", " ", str(text).strip())
-
-
-def _print_error(err: Console, message: str, hint: str) -> None:
-    err.print(Text("error: ", style="bold red") + Text(_one_line(message)), soft_wrap=True)
-    err.print(Text("hint: ", style="bold") + Text(_one_line(hint)), soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -109,57 +167,53 @@ def _progress(err: Console, quiet: bool, signals: common.Signals) -> Iterator[ap
         yield update
 
 
-def _emit(report: Report, out: Console, err: Console, *, as_json: bool, quiet: bool,
-          report_path: Path | None) -> None:
-    """Write --report (always, it is the evidence), then stdout, then warnings on stderr."""
-    if report_path is not None:
-        rpt.write_report(report, report_path)
-    if as_json:
-        out.file.write(rpt.to_json(report) + "\n")
-        out.file.flush()
-    elif not quiet:
-        rpt.render(report, out)
-    rpt.render_warnings(report, err)
-    if report_path is not None and not quiet:
-        err.print(Text(f"report written to {report_path}", style="dim"), soft_wrap=True)
-
-
-def _consoles() -> tuple[Console, Console]:
-    return Console(), Console(stderr=True)
-
-
-def _guard(err: Console, body: Callable[[common.Signals], int]) -> None:
+def _run(command: str, *, as_json: bool, quiet: bool, verbose: bool,
+         body: Callable[[common.Signals, Ui], int]) -> None:
     """Run a command body with SIGINT/SIGTERM turned into KeyboardInterrupt; map exceptions to
     one-line messages and exit codes; always exits."""
+    ui = Ui(command, as_json=as_json, quiet=quiet, verbose=verbose)
     debug = os.environ.get("REPFUSE_DEBUG", "") not in ("", "0")
     signals = common.Signals()
     with signals.installed():
         try:
-            code = body(signals)
+            code = body(signals, ui)
         except BaseException as e:
-            code = _failure(err, e, signals, debug)
+            code = _failure(ui, e, signals, debug)
     raise typer.Exit(code)
 
 
-def _failure(err: Console, e: BaseException, signals: common.Signals, debug: bool) -> int:
+def _failure(ui: Ui, e: BaseException, signals: common.Signals, debug: bool) -> int:
     if isinstance(e, typer.Exit):
         return e.exit_code
     if signals.received is not None or common.interrupted_in(e):
         if debug:
             traceback.print_exc(file=sys.stderr)
-        name = "terminated" if signals.exit_code() == common.EXIT_TERMINATED else "interrupted"
-        err.print(Text(f"error: {name}", style="bold red"), soft_wrap=True)
-        return signals.exit_code()
+        code = signals.exit_code()
+        ui.fail("terminated" if code == common.EXIT_TERMINATED else "interrupted", "", code)
+        return code
     if debug:
         traceback.print_exc(file=sys.stderr)
     if isinstance(e, RepfuseError):
-        _print_error(err, e.message, e.hint or "run the command with --help for usage")
+        ui.fail(e.message, e.hint or "run the command with --help for usage", EXIT_USAGE)
         return EXIT_USAGE
     if not isinstance(e, Exception):
         raise e
     msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-    _print_error(err, f"internal error: {msg}", "rerun with REPFUSE_DEBUG=1 for the traceback and report it")
+    ui.fail(f"internal error: {msg}", "rerun with REPFUSE_DEBUG=1 for the traceback and report it", EXIT_INTERNAL)
     return EXIT_INTERNAL
+
+
+def _not_deployed(report: Report, what: str) -> tuple[str, str]:
+    gaps = rpt.deployment_gaps(report)
+    shown = "; ".join(gaps[:3]) + (f"; … {len(gaps) - 3} more" if len(gaps) > 3 else "")
+    return (f"not fully deployed ({len(gaps)} reason{'s' if len(gaps) != 1 else ''}): {shown}",
+            f"{what}; without --strict the report lists the same and the exit code is 0")
+
+
+def _strict_exit(report: Report, strict: bool, what: str) -> tuple[int, tuple[str, str] | None]:
+    if strict and rpt.deployment_gaps(report):
+        return EXIT_NOT_DEPLOYED, _not_deployed(report, what)
+    return EXIT_OK, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,11 +235,25 @@ def main_callback(
     """Fuse re-parameterizable branches into one conv and prove the result equal."""
 
 
-@app.command()
+KeymapOpt = Annotated[
+    Path | None,
+    typer.Option("--keymap", metavar="FILE.json", dir_okay=False, show_default=False,
+                 help="With --deploy-model: also write the key mapping (deploy key → fused key) as JSON."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Write OUT even if verification fails (never with --strict).")]
+
+
+@app.command(epilog="\b\nExample:\n  repfuse convert train.pt deploy.pt2 -s 1,3,224,224 --strict --report r.json\n\n"
+             + _EXIT_CODES)
 def convert(
     src: Annotated[Path, typer.Argument(metavar="IN", help="Train-time checkpoint or pickled model.")],
-    dst: Annotated[Path, typer.Argument(metavar="OUT", help="Where to write the deploy checkpoint.")],
+    dst: Annotated[Path, typer.Argument(metavar="OUT", help="Where to write the deploy artifact.")],
     input_shape: InputShapeOpt = None,
+    strict: StrictOpt = False,
+    quant_report: QuantReportOpt = False,
+    strict_quant: StrictQuantOpt = None,
+    static: StaticOpt = False,
+    opset: OpsetOpt = None,
     allow: AllowOpt = None,
     trust: TrustOpt = False,
     atol: AtolOpt = None,
@@ -195,31 +263,30 @@ def convert(
     verify_shapes: VerifyShapesOpt = None,
     max_inflate: MaxInflateOpt = common.DEFAULT_MAX_INFLATE_MIB,
     max_modules: MaxModulesOpt = common.DEFAULT_MAX_MODULES,
-    force: Annotated[bool, typer.Option("--force", help="Write OUT even if verification fails.")] = False,
+    force: ForceOpt = False,
     model: ModelOpt = None,
     model_arg: ModelArgOpt = None,
     deploy_model: DeployModelOpt = None,
     deploy_model_arg: DeployModelArgOpt = None,
-    keymap: Annotated[
-        Path | None,
-        typer.Option("--keymap", metavar="FILE.json", dir_okay=False,
-                     help="With --deploy-model: also write the key mapping (deploy key → fused key) as JSON."),
-    ] = None,
+    keymap: KeymapOpt = None,
     report_path: ReportOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Fuse IN, verify the result numerically, and write the deploy artifact OUT.
 
-    OUT's extension picks the format: .pt/.pth/.bin/.ckpt (torch.save), .safetensors (weights and
-    metadata), .pt2 (torch.export program), .onnx (needs repfuse[onnx])."""
-    out, err = _consoles()
+    OUT's extension picks the format: .pt/.pth/.bin/.ckpt (torch.save: the deploy model),
+    .safetensors (weights and metadata), .pt2 (torch.export program), .onnx (needs the extra
+    repfuse[onnx]). .pt2 and .onnx have dynamic batch and spatial sizes where the model allows it."""
 
-    def body(signals: common.Signals) -> int:
+    def body(signals: common.Signals, ui: Ui) -> int:
         options = build_options(input_shape, allow, trust, atol, rtol, seed, trials, force, model=model,
                                 model_arg=model_arg, deploy_model=deploy_model, deploy_model_arg=deploy_model_arg,
-                                keymap=keymap, max_inflate=max_inflate, max_modules=max_modules)
+                                keymap=keymap, max_inflate=max_inflate, max_modules=max_modules, strict=strict,
+                                static=static, opset=opset)
         options = replace(options, verify_shapes=shape_sets(verify_shapes, parse_shape))
+        options = _quant_options(options, quant_report, strict_quant)
         common.existing_file(src, "input file")
         if common.same_path(src, dst):
             raise RepfuseError(f"OUT is the same file as IN: {dst}",
@@ -230,38 +297,44 @@ def convert(
         common.check_keymap_path(keymap, dst)
         common.check_report_path(report_path, (src,), (dst, *([keymap] if keymap is not None else [])))
 
-        failed = False
-        with _progress(err, quiet, signals) as progress:
+        code, error = EXIT_OK, None
+        with _progress(ui.err, quiet, signals) as progress:
             try:
                 report = api.convert_file(src, dst, options, progress)
             except VerificationFailed as e:
-                report, failed = e.report, True
-        _emit(report, out, err, as_json=as_json, quiet=quiet, report_path=report_path)
-
+                report, code = e.report, EXIT_VERIFY_FAILED
+                v = report.verification
+                why = v.message if v and v.message else "the fused model's outputs differ from the original's"
+                error = (f"verification failed: {why}", f"nothing was written to {dst}; --force writes it anyway")
+            except QuantStrictFailed as e:
+                report, code = e.report, EXIT_NOT_DEPLOYED
+                error = _quant_failed(report, f"nothing was written to {dst}")
+            except NotFullyDeployed as e:
+                report, code = e.report, EXIT_NOT_DEPLOYED
+                error = _not_deployed(report, f"nothing was written to {dst}")
         v = report.verification
-        if failed:
-            why = v.message if v and v.message else "the fused model's outputs differ from the original's"
-            _print_error(err, f"verification failed: {why}",
-                         f"nothing was written to {dst}; --force writes it anyway")
-            return EXIT_VERIFY_FAILED
-        if v is not None and not v.passed:  # only reachable with --force
-            err.print(Text("warning: ", style="bold yellow")
-                      + Text(f"verification FAILED; {dst} was written anyway because of --force"),
-                      soft_wrap=True)
-        return EXIT_OK
+        if code == EXIT_OK and v is not None and not v.passed:  # only reachable with --force
+            ui.warning(f"verification FAILED; {dst} was written anyway because of --force", "verification-forced")
+        ui.result(report, code, error=error, report_path=report_path)
+        return code
 
-    _guard(err, body)
+    _run("convert", as_json=as_json, quiet=quiet, verbose=verbose, body=body)
 
 
-@app.command()
+@app.command(epilog="\b\nExamples:\n  repfuse verify train.pt --strict\n"
+             "  repfuse verify train.pt --against deploy.onnx --input-shape 1,3,224,224\n\n" + _EXIT_CODES)
 def verify(
     src: Annotated[Path, typer.Argument(metavar="IN", help="Checkpoint or pickled model.")],
     against: Annotated[
         Path | None,
-        typer.Option("--against", metavar="OTHER",
-                     help="Compare IN with this model instead of with IN fused in memory."),
+        typer.Option("--against", metavar="OTHER", show_default=False,
+                     help="Compare IN with this file instead of with IN fused in memory: any format convert "
+                     "writes (.pt, .safetensors with --model, .pt2, .onnx)."),
     ] = None,
     input_shape: InputShapeOpt = None,
+    strict: StrictOpt = False,
+    quant_report: QuantReportOpt = False,
+    strict_quant: StrictQuantOpt = None,
     allow: AllowOpt = None,
     trust: TrustOpt = False,
     atol: AtolOpt = None,
@@ -278,48 +351,59 @@ def verify(
     report_path: ReportOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Check that fusing IN (or the model OTHER) gives the same outputs as IN. Writes no model.
+    """Check that fusing IN (or the file OTHER) gives the same outputs as IN. Writes no model.
 
-    OTHER may be a whole model, or a state_dict / .safetensors file: it is loaded into --deploy-model
-    when given, else into repfuse's deploy model rebuilt from IN."""
-    out, err = _consoles()
+    OTHER may be a whole model, a torch.export .pt2, an .onnx (needs onnxruntime), or a state_dict /
+    .safetensors file: loaded into --deploy-model when given, else into repfuse's deploy model
+    rebuilt from IN."""
 
-    def body(signals: common.Signals) -> int:
+    def body(signals: common.Signals, ui: Ui) -> int:
         options = build_options(input_shape, allow, trust, atol, rtol, seed, trials, model=model,
                                 model_arg=model_arg, deploy_model=deploy_model, deploy_model_arg=deploy_model_arg,
-                                max_inflate=max_inflate, max_modules=max_modules)
+                                max_inflate=max_inflate, max_modules=max_modules, strict=strict)
         options = replace(options, verify_shapes=shape_sets(verify_shapes, parse_shape))
+        options = _quant_options(options, quant_report, strict_quant)
         common.existing_file(src, "input file")
         if against is not None:
             common.existing_file(against, "--against file")
         common.check_report_path(report_path, tuple(p for p in (src, against) if p is not None))
 
-        with _progress(err, quiet, signals) as progress:
+        with _progress(ui.err, quiet, signals) as progress:
             try:
                 report = api.verify_file(src, options, against, progress)
             except VerificationFailed as e:
                 report = e.report
-        _emit(report, out, err, as_json=as_json, quiet=quiet, report_path=report_path)
-
+        report = replace(report, strict=strict)
         v = report.verification
         if v is None:
-            _print_error(err, "verification did not run", "rerun with REPFUSE_DEBUG=1 and report it")
-            return EXIT_VERIFY_FAILED
+            raise RuntimeError("verification did not run")
         if not v.passed:
             why = v.message or "outputs differ beyond the tolerance"
-            _print_error(err, f"verification failed: {why}",
-                         "see the worst sites above; loosen --atol/--rtol only if the error is rounding")
-            return EXIT_VERIFY_FAILED
-        return EXIT_OK
+            hint = ("check that OTHER was converted from IN (and the same --input-shape); loosen --atol/--rtol "
+                    "only if the error is rounding" if against is not None else
+                    "the report names the worst sites; loosen --atol/--rtol only if the error is rounding")
+            code, error = EXIT_VERIFY_FAILED, (f"verification failed: {why}", hint)
+        else:
+            code, error = _strict_exit(report, strict, "verify writes nothing")
+            if code == EXIT_OK and report.quantization is not None and report.quantization.failures:
+                code, error = EXIT_NOT_DEPLOYED, _quant_failed(report, "verify writes nothing")
+        ui.result(report, code, error=error, report_path=report_path)
+        return code
 
-    _guard(err, body)
+    _run("verify", as_json=as_json, quiet=quiet, verbose=verbose, body=body)
 
 
-@app.command()
+@app.command(epilog="\b\nExamples:\n  repfuse inspect train.pt\n  repfuse inspect train.pt --depth 2\n\n"
+             + _EXIT_CODES)
 def inspect(
     src: Annotated[Path, typer.Argument(metavar="IN", help="Checkpoint or pickled model.")],
     input_shape: InputShapeOpt = None,
+    depth: Annotated[int | None, typer.Option("--depth", metavar="N", show_default=False,
+                                              help="Show the module tree down to N levels below the root.")] = None,
+    all_modules: Annotated[bool, typer.Option("--all", help="Show the whole module tree.")] = False,
+    strict: StrictOpt = False,
     allow: AllowOpt = None,
     trust: TrustOpt = False,
     max_inflate: MaxInflateOpt = common.DEFAULT_MAX_INFLATE_MIB,
@@ -329,21 +413,25 @@ def inspect(
     report_path: ReportOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Show which sites would be fused and why others would not. Converts and writes nothing."""
-    out, err = _consoles()
+    """Show which blocks would be fused and why others would not (one line per block; the tree with
+    --depth N or --all). Converts and writes nothing."""
 
-    def body(signals: common.Signals) -> int:
+    def body(signals: common.Signals, ui: Ui) -> int:
+        if depth is not None and depth < 0:
+            raise RepfuseError(f"--depth must be >= 0, got {depth}", "for example --depth 2")
         options = build_options(input_shape, allow, trust, model=model, model_arg=model_arg,
                                 max_inflate=max_inflate, max_modules=max_modules)
         common.existing_file(src, "input file")
         common.check_report_path(report_path, (src,))
-        with _progress(err, quiet, signals) as progress:
-            report = api.inspect_file(src, options, progress)
-        _emit(report, out, err, as_json=as_json, quiet=quiet, report_path=report_path)
-        return EXIT_OK
+        with _progress(ui.err, quiet, signals) as progress:
+            report = replace(api.inspect_file(src, options, progress), strict=strict)
+        code, error = _strict_exit(report, strict, "inspect writes nothing")
+        ui.result(report, code, error=error, report_path=report_path, depth=depth, all_modules=all_modules)
+        return code
 
-    _guard(err, body)
+    _run("inspect", as_json=as_json, quiet=quiet, verbose=verbose, body=body)
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ MAX_TRIALS = 1000
 MAX_INPUT_ELEMENTS = 1 << 26  # per input: 512 MiB in float64, where verification runs
 DEFAULT_MAX_INFLATE_MIB = 1024
 DEFAULT_MAX_MODULES = 10_000
+MIN_OPSET, MAX_OPSET = 7, 30
 
 # ---------------------------------------------------------------------------------------------
 # flag declarations (typer Annotated types)
@@ -69,6 +70,22 @@ MaxInflateOpt = Annotated[
 ]
 MaxModulesOpt = Annotated[
     int, typer.Option("--max-modules", metavar="N", help="Most modules a pickled model may hold.")
+]
+StrictOpt = Annotated[
+    bool, typer.Option("--strict", help="Fail (exit 4, nothing written) unless the model is fully deployed: no site "
+                       "skipped, no norm layer left, something fused.")
+]
+StaticOpt = Annotated[
+    bool, typer.Option("--static", help=".pt2/.onnx: export with the static input shape (default: batch and "
+                       "spatial sizes dynamic where the model allows it).")
+]
+OpsetOpt = Annotated[
+    int | None, typer.Option("--opset", metavar="N", show_default=False,
+                             help="The ONNX opset of an .onnx OUT. Default: the exporter's own.")
+]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Also show hashes, factory arguments, branches, all verification "
+                       "figures, timings and notes.")
 ]
 ReportOpt = Annotated[
     Path | None,
@@ -156,6 +173,7 @@ def build_options(
     force: bool = False, *, model: str | None = None, model_arg: list[str] | None = None,
     deploy_model: str | None = None, deploy_model_arg: list[str] | None = None, keymap: Path | None = None,
     max_inflate: int = DEFAULT_MAX_INFLATE_MIB, max_modules: int = DEFAULT_MAX_MODULES,
+    strict: bool = False, static: bool = False, opset: int | None = None,
 ) -> Options:
     """Map CLI flag values onto `types.Options` (validating what the parser cannot)."""
     _positive("--trials", trials, "3")
@@ -167,6 +185,9 @@ def build_options(
         raise RepfuseError(f"--seed must be >= 0, got {seed}", "for example --seed 0")
     _positive("--max-inflate", max_inflate, str(DEFAULT_MAX_INFLATE_MIB))
     _positive("--max-modules", max_modules, str(DEFAULT_MAX_MODULES))
+    if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
+        raise RepfuseError(f"--opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}",
+                           "omit it for the exporter's default, or give e.g. --opset 18")
     for prefix in allow or ():
         if not prefix.strip() or any(c.isspace() for c in prefix):
             raise RepfuseError(f"malformed --allow {prefix!r}",
@@ -189,6 +210,9 @@ def build_options(
         keymap=str(keymap) if keymap is not None else None,
         max_inflate_bytes=None if max_inflate == DEFAULT_MAX_INFLATE_MIB else max_inflate << 20,
         max_modules=None if max_modules == DEFAULT_MAX_MODULES else max_modules,
+        strict=strict,
+        static=static,
+        opset=opset,
     )
 
 

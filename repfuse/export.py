@@ -8,14 +8,10 @@ then renames it over the destination. Never prints.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import inspect
 import io
 import json
-import logging
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +19,20 @@ import torch
 from torch import nn
 
 from . import io as rio
-from . import verify
+from . import programs, verify
 from .types import RepfuseError
 
 __all__ = [
     "FORMATS",
     "check_available",
-    "export_program",
     "output_format",
     "safetensors_bytes",
     "write_onnx",
     "write_pt2",
     "write_safetensors",
 ]
+
+export_program = programs.export_program  # kept here for callers of the old name
 
 FORMATS: dict[str, str] = {  # OUT suffix → format
     ".pt": "pt", ".pth": "pt", ".bin": "pt", ".ckpt": "pt",
@@ -89,23 +86,6 @@ def _close(reference: list[torch.Tensor], got: list[torch.Tensor], what: str, ds
         raise RepfuseError(f"{dst.name}: {what} does not reproduce the deploy model (outputs differ by {err:.3g}, "
                            f"tolerance {atol + rtol * scale:.3g}); nothing was written", _BUG_HINT)
     return err
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporters' own warnings and log lines (library code never prints)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "torch.fx",
-                                             "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,74 +154,65 @@ def write_safetensors(state: Mapping[str, torch.Tensor], dst: Path | str, metada
 # torch.export (.pt2) and ONNX
 
 
-def _dynamic_batch(ep: torch.export.ExportedProgram) -> bool:
-    names = set(ep.graph_signature.user_inputs)
-    for node in ep.graph.nodes:
-        if node.op == "placeholder" and node.name in names:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.dim() > 0 and not isinstance(val.shape[0], int):
-                return True
-    return False
+def _reference(model: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> list[list[torch.Tensor]]:
+    return [verify.run(model, x) for x in batches]
 
 
-def _takes_var_positional(model: nn.Module) -> bool:
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    return bool(params) and params[0].kind is inspect.Parameter.VAR_POSITIONAL
+def _batches(model: nn.Module, ep: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...],
+             dims: programs.Dims) -> list[tuple[torch.Tensor, ...]]:
+    """The verification inputs, and (a dynamic program) the first inputs at another size that both
+    the deploy model and the program run on (a program may bound a size the model's ops need)."""
+    if not any(dims):
+        return [inputs]
+    with programs.quiet():
+        program = ep.module()
+    for other in programs.other_sizes(inputs, dims):
+        try:
+            verify.run(model, other)
+            with programs.quiet():
+                verify.run(program, other)
+        except Exception:
+            continue
+        return [inputs, other]
+    return [inputs]
 
 
-def export_program(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
-    """`torch.export` the deploy model on `inputs` (non-strict), with the batch dimension dynamic
-    where the model allows it (`Dim.AUTO`: specialised otherwise). RepfuseError when it cannot."""
-    auto = getattr(torch.export.Dim, "AUTO", None)  # torch < 2.6: a static program
-    dynamic: Any = tuple({0: auto} if x.dim() > 0 and auto is not None else None for x in inputs)
-    if _takes_var_positional(model):  # forward(*args) (a GraphBlock): one entry, for `args`
-        dynamic = (dynamic,)
-    try:
-        with _quiet(), torch.no_grad():
-            return torch.export.export(model.eval(), inputs, dynamic_shapes=dynamic, strict=False)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise RepfuseError(f"torch.export could not export the deploy model: {type(exc).__name__}: {first}",
-                           "the model's forward is not exportable as it is (data-dependent control flow, "
-                           "Python side effects); write a .pt or .safetensors file instead") from exc
-
-
-def _other_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.cat([x, x[:1]]) if x.dim() > 0 else x for x in inputs)
+def _shape_fields(dims: programs.Dims, batches: list[tuple[torch.Tensor, ...]]) -> dict[str, Any]:
+    return {"dynamic_batch": any(0 in d for d in dims), "dynamic_dims": dims,
+            "checked_shapes": programs.checked_shapes(batches)}
 
 
 def write_pt2(model: nn.Module, inputs: tuple[torch.Tensor, ...], dst: Path | str,
-              sources: Sequence[Path | str] = ()) -> dict[str, Any]:
-    """Export `model` with torch.export and save the program to `dst` atomically. The written file
-    is loaded back with `torch.export.load` and run on `inputs` (and on a batch one larger when
-    the batch dimension is dynamic) before it replaces `dst`. Returns the report's output fields."""
+              sources: Sequence[Path | str] = (), dynamic: bool = True) -> dict[str, Any]:
+    """Export `model` with torch.export (dynamic batch and spatial sizes unless `dynamic=False`, see
+    `programs`) and save the program to `dst` atomically. The written file is loaded back with
+    `torch.export.load` and run on `inputs` and, when dynamic, at another batch and size, against
+    the deploy model, before it replaces `dst`. Returns the report's output fields."""
     dst = rio.check_destination(dst, *sources)
-    ep = export_program(model, inputs)
-    dynamic = _dynamic_batch(ep)
-    batches = [inputs, _other_batch(inputs)] if dynamic else [inputs]
-    refs = [verify.run(model, x) for x in batches]
+    ep = programs.export_program(model, inputs, dynamic)
+    dims = programs.dynamic_dims(ep)
+    batches = _batches(model, ep, inputs, dims)
+    refs = _reference(model, batches)
     errors: list[float] = []
 
     def write(tmp: Path) -> None:
         # into memory first: torch's zip writer, when a write to the file fails (a full disk, a size
         # limit), throws again from its destructor later and aborts the process
         buffer = io.BytesIO()
-        with _quiet():
+        with programs.quiet():
             torch.export.save(ep, buffer)
         with open(tmp, "wb") as f:
             f.write(buffer.getbuffer())
 
     def check(tmp: Path) -> None:
-        with _quiet():
+        with programs.quiet():
             loaded = torch.export.load(str(tmp)).module()
         errors.extend(_close(ref, verify.run(loaded, x), "the exported program", dst) for ref, x in zip(refs, batches))
 
     digest = rio.atomic_write(dst, write, check)
-    return {"sha256": digest, "dynamic_batch": dynamic, "max_abs_error": max(errors, default=0.0),
-            "check": "reloaded with torch.export.load and run on the verification inputs"}
+    return {"sha256": digest, **_shape_fields(dims, batches), "max_abs_error": max(errors, default=0.0),
+            "check": "reloaded with torch.export.load and run on the verification inputs"
+            + (" and at another batch and size" if len(batches) > 1 else "")}
 
 
 def _onnx_feed(session: Any, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
@@ -249,26 +220,33 @@ def _onnx_feed(session: Any, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]
 
 
 def write_onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], dst: Path | str,
-               sources: Sequence[Path | str] = ()) -> dict[str, Any]:
-    """Export `model` to ONNX (torch.onnx, dynamo exporter, from the torch.export program) and save
-    it to `dst` atomically, as one file. Checked before it replaces `dst`: `onnx.checker`, then, when
-    onnxruntime is installed, run on `inputs` and compared with the deploy model."""
+               sources: Sequence[Path | str] = (), dynamic: bool = True, opset: int | None = None) -> dict[str, Any]:
+    """Export `model` to ONNX (torch.onnx, dynamo exporter, from the torch.export program: dynamic
+    sizes as for `write_pt2`; `opset` or the exporter's default) and save it to `dst` atomically, as
+    one file. Checked before it replaces `dst`: `onnx.checker`, then, when onnxruntime is installed,
+    run on `inputs` (and at another batch and size when dynamic) and compared with the deploy model."""
     check_available("onnx")
     dst = rio.check_destination(dst, *sources)
-    ep = export_program(model, inputs)
+    ep = programs.export_program(model, inputs, dynamic)
+    dims = programs.dynamic_dims(ep)
     try:
-        with _quiet():
-            program = torch.onnx.export(ep, inputs, dynamo=True, verbose=False, optimize=True)
+        with programs.quiet():
+            kwargs: dict[str, Any] = {"dynamo": True, "verbose": False, "optimize": True}
+            if opset is not None:
+                kwargs["opset_version"] = opset
+            program = torch.onnx.export(ep, _sample_for(ep, inputs), **kwargs)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise RepfuseError(f"torch.onnx could not export the deploy model: {type(exc).__name__}: {first}",
-                           "write a .pt2 (torch.export) or .safetensors file instead") from exc
+                           "write a .pt2 (torch.export) or .safetensors file instead"
+                           + ("; or try another --opset" if opset is not None else "")) from exc
     runtime = importlib.util.find_spec("onnxruntime") is not None
     bf16 = any(x.dtype == torch.bfloat16 for x in inputs)
-    info: dict[str, Any] = {"opset": None, "runtime": None, "dynamic_batch": _dynamic_batch(ep)}
+    batches = _batches(model, ep, inputs, dims) if runtime and not bf16 else [inputs]
+    info: dict[str, Any] = {"opset": None, "runtime": None, **_shape_fields(dims, batches)}
 
     def write(tmp: Path) -> None:
-        with _quiet():
+        with programs.quiet():
             program.save(str(tmp), external_data=False)
 
     def check(tmp: Path) -> None:
@@ -286,15 +264,23 @@ def write_onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], dst: Path | s
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = [torch.from_numpy(a) for a in session.run(None, _onnx_feed(session, inputs))]
-        info["max_abs_error"] = _close(verify.run(model, inputs), got, "onnxruntime", dst)
+        errors = []
+        for x in batches:
+            got = [torch.from_numpy(a) for a in session.run(None, _onnx_feed(session, x))]
+            errors.append(_close(verify.run(model, x), got, "onnxruntime", dst))
+        info["max_abs_error"] = max(errors, default=0.0)
         info["runtime"] = f"onnxruntime {ort.__version__}"
 
     digest = rio.atomic_write(dst, write, check)
     if info["runtime"]:
         how = f"onnx.checker, then run with {info['runtime']} on the verification inputs"
+        how += " and at another batch and size" if len(batches) > 1 else ""
     elif bf16:
         how = "onnx.checker only (bfloat16 inputs cannot be fed to onnxruntime from numpy)"
     else:
         how = "onnx.checker only (onnxruntime is not installed)"
     return {"sha256": digest, **info, "check": how}
+
+
+def _sample_for(ep: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return programs._sample(inputs) if any(programs.dynamic_dims(ep)) else inputs

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .quant import QuantReport
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,20 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     modules: tuple[ModuleInfo, ...] = ()  # filled by inspect only
+    diagnostics: tuple[Diagnostic, ...] = ()  # warnings and notes with a stable code
+    strict: bool = False  # --strict: anything not fully deployed is a failure (exit 4)
+    quantization: QuantReport | None = None  # --quant-report / --strict-quant: INT8 weight figures (repfuse.quant)
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """A warning (`level="warning"`) or a note (`"info"`, shown with -v) with a stable `code`
+    (lower-case words joined by '-', e.g. "input-shape-guessed"); `module` where it applies."""
+
+    code: str
+    message: str
+    level: str = "warning"
+    module: str = ""
 
 
 class RepfuseError(Exception):
@@ -88,6 +105,19 @@ class RepfuseError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+class NotFullyDeployed(Exception):
+    """--strict: the model is not fully deployed (CLI exit 4); nothing was written."""
+
+    def __init__(self, report: Report, reasons: tuple[str, ...] = ()) -> None:
+        super().__init__("not fully deployed: " + "; ".join(reasons))
+        self.report = report
+        self.reasons = reasons
+
+
+class QuantStrictFailed(NotFullyDeployed):
+    """--strict-quant DB: a fused site's INT8 weight SQNR is below DB (CLI exit 4); nothing was written."""
 
 
 class VerificationFailed(Exception):
@@ -130,3 +160,8 @@ class Options:
     verify_shapes: tuple[tuple[tuple[int, ...], ...], ...] | None = None
     max_inflate_bytes: int | None = None  # bound: bytes tensors may declare beyond the file size (None: default)
     max_modules: int | None = None  # bound: modules a pickled model may hold (None: default)
+    strict: bool = False  # convert: write nothing (NotFullyDeployed) unless every site fused and no norm is left
+    static: bool = False  # .pt2 / .onnx: static shapes (default: dynamic batch and spatial dims where possible)
+    opset: int | None = None  # .onnx: the ONNX opset (None: the exporter's default)
+    quant_report: bool = False  # convert / verify: add the INT8 weight analysis (repfuse.quant) to the report
+    strict_quant_db: float | None = None  # fail (QuantStrictFailed, exit 4) when a fused site's INT8 SQNR is below

@@ -69,7 +69,14 @@ def test_to_dict_top_level_keys_and_values() -> None:
     d = rpt.to_dict(make_report(make_verification()))
     assert d["schema"] == 1
     assert set(d) == {"schema", "tool", "command", "input", "output", "fusions", "skipped", "summary",
-                      "verification", "timings", "warnings"}  # no "modules" when empty
+                      "verification", "timings", "warnings", "diagnostics", "deployment",
+                      "error"}  # no "modules" when empty
+    assert d["error"] is None
+    assert d["deployment"] == {"fully_deployed": False, "strict": False,
+                               "reasons": ["skipped head.bn: BN before a zero-padded conv is not exact at the border",
+                                           "1 norm layer left (of 9)"]}
+    assert d["diagnostics"] == [{"level": "warning", "code": "unclassified", "module": "",
+                                 "message": "model had 2 BN layers in train mode; evaluated in eval mode"}]
     assert d["command"] == "convert"
     assert d["tool"]["name"] == "repfuse"
     assert d["input"]["path"] == "/data/in.pt"  # Path → str
@@ -191,17 +198,17 @@ def test_write_report_bad_suffix_and_dir(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- rich
 
 
-def _rendered(report: Report) -> str:
-    console = Console(record=True, width=120)
-    rpt.render(report, console)
+def _rendered(report: Report, width: int = 120, **kw: object) -> str:
+    console = Console(record=True, width=width)
+    rpt.render(report, console, **kw)
     return console.export_text()
 
 
 def test_render_passed() -> None:
-    text = _rendered(make_report(make_verification()))
+    text = _rendered(make_report(make_verification()), verbose=True)
     for s in ("stage1.0.reparam", "stage2.0.reparam", "3×3+1×1+identity", "64→128", "head.bn",
               "not exact at the border", "PASSED", "1,000,000", "900,000", "−10.0%", "2G", "1.5G",
-              "−25.0%", "2×3×33×31", "float32", "Timings", "verify", "/data/in.pt", "/data/out.pt"):
+              "−25.0%", "2×3×33×31", "float32", "timings:", "verify", "/data/in.pt", "/data/out.pt"):
         assert s in text, s
     assert "Worst sites" not in text
     assert "train mode" not in text  # warnings are for stderr, see render_warnings
@@ -230,7 +237,7 @@ def test_render_module_tree_small_shows_everything() -> None:
     mods = (ModuleInfo("", "Net", 100), ModuleInfo("stem", "Sequential", 40),
             ModuleInfo("stem.conv", "Conv2d", 30, "fused → stem.conv"), ModuleInfo("stem.act", "ReLU", 0),
             ModuleInfo("head", "Linear", 60, "opaque: could not trace (data-dependent control flow)"))
-    text = _rendered(make_report(command="inspect", modules=mods))
+    text = _rendered(make_report(command="inspect", modules=mods), all_modules=True)
     for s in ("Net", "stem", "conv", "Conv2d", "fused → stem.conv", "act", "ReLU", "opaque: could not trace"):
         assert s in text, s
 
@@ -251,3 +258,81 @@ def test_render_module_tree_large_collapses_quiet_subtrees() -> None:
     assert "head" in text and "blocks" in text  # root's children always shown
     assert "more modules" in text
     assert len(text.splitlines()) < 20
+
+
+# --------------------------------------------------------------------------- schema, verdict, narrow consoles
+
+jsonschema = pytest.importorskip("jsonschema")
+
+LONG = (
+    FusionSite(module="stages.3.blocks.13.conv_kxk.reparameterized_branch_with_a_long_name",
+               pattern="3×3+1×1+identity, BN×3, groups=2", branches=("a.b.c", "d.e.f"), kernel=(3, 3),
+               in_channels=512, out_channels=512, groups=2, stride=(2, 2), dilation=(1, 1),
+               params_before=1_181_184, params_after=1_180_160, max_abs_error=1.1e-15),
+    *FUSIONS,
+)
+
+
+def test_schema_is_shipped_and_valid() -> None:
+    jsonschema.Draft202012Validator.check_schema(rpt.schema())
+    assert rpt.schema()["properties"]["schema"] == {"const": 1}
+
+
+@pytest.mark.parametrize("error", [None, {"message": "verification failed: x", "hint": "y", "exit_code": 1}])
+def test_every_report_here_validates(error) -> None:
+    mods = (ModuleInfo("", "Net", 10), ModuleInfo("a", "Conv2d", 10, "fused → a"))
+    for report in (make_report(make_verification()), make_report(make_verification(False, math.inf)),
+                   make_report(None, "inspect", mods), make_report(make_verification(), "verify")):
+        jsonschema.validate(json.loads(rpt.to_json(report, error=error)), rpt.schema())
+
+
+def test_error_document_validates_and_a_wrong_report_does_not() -> None:
+    doc = rpt.error_document("convert", "input file not found: x.pt", "check the path", 2)
+    jsonschema.validate(doc, rpt.schema())
+    bad = rpt.to_dict(make_report(make_verification()))
+    bad["fusions"][0]["groups"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, rpt.schema())
+    del bad["fusions"]
+    with pytest.raises(jsonschema.ValidationError):  # neither a whole report nor an error
+        jsonschema.validate(bad, rpt.schema())
+
+
+def test_verdict_line_comes_first() -> None:
+    r = make_report(make_verification())
+    r = Report(**{**r.__dict__, "output": {"path": "/data/out.pt", "size_bytes": 493_855}})
+    first = _rendered(r, 80).splitlines()[0]
+    assert first == "PASSED · /data/out.pt (482.3 KiB) · 2 fused · norms 9 → 1 · 1 skipped · max err 1.5e-06"
+    failed = make_report(make_verification(passed=False, err=math.inf))
+    assert rpt.verdict(Report(**{**failed.__dict__, "output": None})).startswith("FAILED · nothing written · ")
+    strict = Report(**{**r.__dict__, "strict": True})
+    assert rpt.verdict(strict).startswith("NOT DEPLOYED · ")
+
+
+def test_hashes_and_factory_args_only_when_verbose() -> None:
+    r = make_report(make_verification())
+    r = Report(**{**r.__dict__, "input": {"path": "/data/in.pt", "sha256": "ab" * 32, "factory_args": {"k": 1}}})
+    assert "abab" not in _rendered(r) and "factory_args" not in _rendered(r)
+    assert "abab" in _rendered(r, verbose=True) and "factory_args" in _rendered(r, verbose=True)
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 140])
+def test_narrow_consoles_never_break_identifiers(width: int) -> None:
+    r = make_report(make_verification(passed=False, err=0.5))
+    r = Report(**{**r.__dict__, "fusions": LONG,
+                  "skipped": (SkippedSite("stages.3.blocks.13.attn.proj_drop.some_norm", "BN without running "
+                                          "statistics (track_running_stats=False)"),)})
+    text = _rendered(r, width)
+    lines = text.splitlines()
+    for name in [s.module for s in LONG] + ["stages.3.blocks.13.attn.proj_drop.some_norm"]:
+        assert any(name in line for line in lines), (name, text)
+    if width < 110:
+        assert "┃ pattern" not in text  # the name/detail list, not a table with folded cells
+
+
+def test_markdown_summary_for_the_step_summary() -> None:
+    r = Report(**{**make_report(make_verification()).__dict__, "strict": True})
+    md = rpt.summary_markdown(r, {"message": "not fully deployed", "hint": "h", "exit_code": 4})
+    assert md.startswith("### repfuse convert: NOT DEPLOYED · ")
+    assert "#### Not fully deployed (--strict: nothing written)" in md and "- skipped head.bn" in md
+    assert "**error** (exit 4): not fully deployed" in md and "| `stage1.0.reparam` |" in md
