@@ -36,6 +36,25 @@ Program = list[tuple[str, str, str, Any, Any]]
 _MODULE_STATE = frozenset(vars(nn.Module()))  # the attributes nn.Module.__init__ sets
 _STATE = _MODULE_STATE | {"program", "source_class", "_steps"}
 _PLAIN = (type(None), bool, int, float, str)
+# nn.Module's user-called casts: torch reaches them only through `_apply`, never by name on a child, so a
+# plain label of the same name (Ultralytics' `m.type = "Conv"`) can shadow them on a rewritten layer.
+SHADOWABLE = frozenset({"type", "float", "double", "half", "bfloat16", "cpu", "cuda"})
+
+
+def plain_value(value: Any, depth: int = 0) -> bool:
+    """Data a rewritten layer carries over from the one it replaces (`m.f = [-1, 6]`, `m.i = 4`): scalars
+    and strings, or short lists and tuples of them."""
+    if type(value) in _PLAIN:
+        return not isinstance(value, str) or len(value) <= MAX_STR
+    return (type(value) in (list, tuple) and depth < 2 and len(value) <= 64
+            and all(plain_value(v, depth + 1) for v in value))
+
+
+def carried(name: str, value: Any) -> bool:
+    """Whether a layer's instance attribute `name` survives its replacement (see `rewrite.keep_attributes`)."""
+    return (type(name) is str and name.isidentifier() and not name.startswith("_")
+            and name not in _STATE and (not hasattr(GraphBlock, name) or name in SHADOWABLE)
+            and plain_value(value))
 
 
 def graph_to_program(graph: fx.Graph) -> Program:
@@ -65,7 +84,7 @@ def _check_state(state: Any) -> None:
         if type(key) is not str:
             raise InvalidProgram("a GraphBlock attribute name is not a string")
         if key not in _STATE:
-            if hasattr(GraphBlock, key) or type(value) not in _PLAIN:
+            if not carried(key, value):
                 raise InvalidProgram(f"a GraphBlock does not have an attribute {key[:80]!r}")
         elif "hook" in key and not (value is None or type(value) is bool if key == "_is_full_backward_hook"
                                     else isinstance(value, dict) and not value):

@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import nn
 
+from .modules import carried
+
 _TREE_WALKERS = {"modules", "named_modules", "children", "named_children", "apply", "get_submodule",
                  "parameters", "named_parameters", "buffers", "named_buffers", "state_dict", "_modules",
                  "__dict__", "_apply", "to", "cuda", "cpu", "double", "float", "half", "train", "eval"}
@@ -108,9 +110,10 @@ class _Scanner:
                     and not self.scan_method(chain[0]):
                 self.reach.subtrees.add("")
             return
+        plain = len(chain) == len(mods) + 1 and _carried_by(self.module.get_submodule(mods[-1]), chain[-1])
         for i, path in enumerate(mods):
             last = i == len(mods) - 1
-            if not last or len(chain) > len(mods):  # something is read from this module
+            if not last or (len(chain) > len(mods) and not plain):  # something is read from this module
                 self.reach.keep.add(path)
         if len(chain) > len(mods) and chain[len(mods)] in _TREE_WALKERS:
             self.reach.subtrees.add(mods[-1])
@@ -118,19 +121,49 @@ class _Scanner:
     def handed_out(self, chain: list[str]) -> None:
         """`self.a` passed to other code (`checkpoint_seq(self.stages, x)`): that code gets the module
         itself, which stays the same object; its children stay callable under their names (a fused child
-        computes what it did), which is all code that runs a module or its children relies on."""
+        computes what it did and keeps its plain attributes), which is all code that runs a module or its
+        children relies on."""
         mods = self.child_path(chain)
         if mods:
             self.reach.keep.add(mods[-1])
 
-    def elements_read(self, chain: list[str]) -> None:
-        """An element of container `self.a` has an attribute read: the container and its items stay."""
+    def self_handed_out(self) -> None:
+        """`self` passed to other code (`v8DetectionLoss(self)`): the module stays itself (it is left as
+        Python), its containers stay the same objects (that code may index or iterate them), and every
+        other child stays callable under its name with its plain attributes."""
+        self.reach.keep.update(name for name, m in self.module._modules.items() if _container(m))
+
+    def elements_read(self, chain: list[str], attr: str | None = None) -> None:
+        """An element of container `self.a` has an attribute read: the container stays, and so do its
+        items, unless `attr` is a plain attribute every item carries over to its replacement (`m.f`)."""
         mods = self.child_path(chain)
         if not mods:
             return
         self.reach.keep.add(mods[-1])
         container = self.module.get_submodule(mods[-1])
+        if attr is not None and all(_carried_by(m, attr) for m in container._modules.values() if m is not None):
+            return
         self.reach.keep.update(f"{mods[-1]}.{name}" for name in container._modules)
+
+    def element_handed_out(self, chain: list[str]) -> None:
+        """An element of container `self.a` passed to other code (`profile(m, x)`): like a child handed
+        out, except that a layer computing the same with the same plain attributes may stand in for an
+        item that is not itself a container."""
+        mods = self.child_path(chain)
+        if not mods:
+            return
+        self.reach.keep.add(mods[-1])
+        container = self.module.get_submodule(mods[-1])
+        self.reach.keep.update(f"{mods[-1]}.{name}" for name, m in container._modules.items() if _container(m))
+
+
+def _container(m: nn.Module | None) -> bool:
+    return isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def _carried_by(m: nn.Module | None, attr: str) -> bool:
+    """`attr` is a plain instance attribute of `m` that a replacement of `m` keeps (`rewrite.keep_attributes`)."""
+    return m is not None and attr in vars(m) and carried(attr, vars(m)[attr])
 
 
 @lru_cache(maxsize=1024)
@@ -163,11 +196,9 @@ class _FunctionScan(ast.NodeVisitor):
         if not isinstance(node.ctx, ast.Load):
             return
         if node.id == self.self_name:  # `self` itself handed to other code
-            self.s.reach.subtrees.add("")
-        elif node.id in self.aliases:  # an element of a container used as a value: anything may be read
-            mods = self.s.child_path(self.aliases[node.id])
-            if mods:
-                self.s.reach.subtrees.add(mods[-1])
+            self.s.self_handed_out()
+        elif node.id in self.aliases:  # an element of a container handed to other code
+            self.s.element_handed_out(self.aliases[node.id])
         elif node.id in self.same:
             self.s.handed_out(self.same[node.id])
 
@@ -215,17 +246,31 @@ class _FunctionScan(ast.NodeVisitor):
             self._value_use(arg)
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
+        if node.attr in ("device", "dtype") and self._first_tensor(node.value):
+            return  # next(self.parameters()).device: a replacement keeps every tensor's device and dtype
         chain = _self_chain(node, self.self_name)
         if chain is not None:
             self.s.attribute_chain(chain, called=False)
             return
         if isinstance(node.value, ast.Name):  # alias.attr
             if node.value.id in self.aliases:
-                self.s.elements_read(self.aliases[node.value.id])
+                self.s.elements_read(self.aliases[node.value.id], node.attr)
             elif node.value.id in self.same:
                 self.s.attribute_chain([*self.same[node.value.id], node.attr], called=False)
             return
         self.generic_visit(node)
+
+    def _first_tensor(self, node: ast.AST) -> bool:
+        """`next(self.parameters())` / `next(iter(self.buffers()))`."""
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "next"
+                and len(node.args) == 1):
+            return False
+        arg = node.args[0]
+        if isinstance(arg, ast.Call) and isinstance(arg.func, ast.Name) and arg.func.id == "iter" and arg.args:
+            arg = arg.args[0]
+        return (isinstance(arg, ast.Call) and not arg.args
+                and _self_chain(arg.func, self.self_name) in (["parameters"], ["buffers"])
+                and not any(n in self.s.module._modules for n in ("parameters", "buffers")))
 
     def visit_Subscript(self, node: ast.Subscript) -> None:
         chain = _self_chain(node.value, self.self_name)

@@ -26,7 +26,7 @@ from . import kernels as K
 from . import lowering as L
 from .analysis import COST_SLACK, Analysis, DtypeMap, ModulePlan, Region, analyse, site_label
 from .kernels import ConvOp
-from .modules import GraphBlock, UnsupportedProgram, graph_to_program
+from .modules import SHADOWABLE, GraphBlock, UnsupportedProgram, carried, graph_to_program
 from .reach import reached
 from .types import FusionSite
 
@@ -74,7 +74,7 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
                 and all(p >= 0 for p in plan.summary.op.padding)):
             dtype, device = _dtype_of([m], dtypes, default)
             layer = materialise(plan.summary.op, (plan.summary_dtype or dtype, device), dtypes)
-            _keep_flags(m, layer)
+            keep_attributes(m, layer)
             setattr(parent, name, layer)
             before = _count_params(m)
             sites.append(_site(path, plan.summary, layer, before, plan.summary_error))
@@ -142,12 +142,15 @@ def _join(path: str, rel: str) -> str:
     return f"{path}.{rel}" if path and rel else path or rel
 
 
-def _keep_flags(old: nn.Module, layer: nn.Module) -> None:
-    """Plain settings of the replaced module (`use_act`, `deploy`) stay readable on its replacement,
-    for parents whose forward checks them."""
+def keep_attributes(old: nn.Module, layer: nn.Module) -> None:
+    """Every plain attribute of the replaced module (`use_act`, `deploy`, Ultralytics' routing `f`, `i`,
+    `type`, `np`) stays readable on its replacement, for parents whose forward reads them. Never one the
+    new layer has itself (a child, tensor, setting or method of its class)."""
+    own = vars(layer)
     for name, value in vars(old).items():
-        if (not name.startswith("_") and not hasattr(layer, name)
-                and (value is None or isinstance(value, (bool, int, float, str)))):
+        if (carried(name, value) and name not in own
+                and not any(name in own.get(k, {}) for k in ("_parameters", "_buffers", "_modules"))
+                and (not hasattr(type(layer), name) or name in SHADOWABLE)):
             setattr(layer, name, value)
 
 
@@ -303,6 +306,7 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         block.add_module(name, layer)
         sites.append(_site(prefix + name, region.expr, layer, before + (attr_params if i == 0 else 0),
                            region.error))
+    keep_attributes(m, block)
     return block
 
 
