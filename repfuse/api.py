@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, export, factory, input_size, keymap, programs, rewrite, verify, weights
+from . import __version__, export, factory, input_size, keymap, programs, quant, rewrite, verify, weights
 from . import io as rio
 from . import report as rpt
 from .types import (
@@ -24,6 +24,7 @@ from .types import (
     ModuleInfo,
     NotFullyDeployed,
     Options,
+    QuantStrictFailed,
     RepfuseError,
     Report,
     SkippedSite,
@@ -98,7 +99,7 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
         work = copy.deepcopy(model)
         dtypes = rewrite.original_dtypes(work)
         work.double()
-        analysis = rewrite.analyse(work, verify.make_inputs(shapes, torch.float64, options.seed))
+        analysis = rewrite.analyse(work, verify.make_inputs(shapes, torch.float64, options.seed), dtypes)
     with clock.stage("fuse", "fusing"):
         applied = rewrite.apply(work, analysis, dtypes, verify.model_dtype(model))
         fused64 = copy.deepcopy(applied.model)
@@ -240,12 +241,14 @@ def _fuse_and_verify(loaded: rio.LoadedCheckpoint, options: Options, command: st
     with clock.stage("verify", "verifying on random inputs"):
         ver = verify.compare(loaded.model, result.model, result.input_shapes, atol=options.atol,
                              rtol=options.rtol, trials=options.trials, seed=options.seed,
-                             worst_sites=_site_errors(result), fused64=result.fused64)
+                             worst_sites=_site_errors(result), fused64=result.fused64,
+                             extra=options.verify_shapes)
     summary = _summary(loaded.model, result.model, result.sites, result.input_shapes, options.seed)
     report = Report(tool=_tool(), command=command,
                     input={**_input_info(loaded), "input_shape_source": result.input_source}, output=None,
                     fusions=tuple(result.sites), skipped=tuple(result.skipped), summary=summary,
                     verification=ver, timings=clock.timings, diagnostics=_diagnostics(result))
+    report = _quantization(report, loaded.model, result, options, clock)
     deployed = Deployed(result.model, result.fused64)
     if options.deploy_model and (ver.passed or options.force):
         with clock.stage("map", f"mapping the fused weights onto {options.deploy_model}"):
@@ -254,9 +257,22 @@ def _fuse_and_verify(loaded: rio.LoadedCheckpoint, options: Options, command: st
             mapped = verify.compare(loaded.model, deployed.model, result.input_shapes, atol=options.atol,
                                     rtol=options.rtol, trials=options.trials, seed=options.seed,
                                     worst_sites=_site_errors(result), fused64=deployed.model64,
-                                    exact=deployed.model64 is not None)
+                                    exact=deployed.model64 is not None, extra=options.verify_shapes)
         report = replace(report, verification=mapped if ver.passed else ver)
     return report, result, deployed
+
+
+def _quantization(report: Report, original: nn.Module, result: FuseResult, options: Options,
+                  clock: _Clock) -> Report:
+    """With options.quant_report or options.strict_quant_db: the INT8 weight analysis of repfuse's deploy
+    model (`quant.report`: every fused site, with causes from `original`, and the untouched layers; the
+    end-to-end output SQNR on the verification inputs), its warnings added to the diagnostics."""
+    if not options.quant_report and options.strict_quant_db is None:
+        return report
+    with clock.stage("quant", "analysing INT8 weight quantization"):
+        inputs = verify.make_inputs(result.input_shapes, torch.float32, options.seed)
+        q = quant.report(result.model, result.sites, original, inputs, options.strict_quant_db)
+    return replace(report, quantization=q, diagnostics=(*report.diagnostics, *quant.diagnostics(q)))
 
 
 def convert_file(src: Path, dst: Path, options: Options, progress: Progress | None = None) -> Report:
@@ -278,6 +294,8 @@ def convert_file(src: Path, dst: Path, options: Options, progress: Progress | No
     gaps = rpt.deployment_gaps(report)
     if options.strict and gaps:
         raise NotFullyDeployed(replace(report, timings=clock.timings), tuple(gaps))
+    if report.quantization is not None and report.quantization.failures:
+        raise QuantStrictFailed(replace(report, timings=clock.timings), report.quantization.failures)
     weights.check_finite(weights.model_tensors(deployed.model), "the converted model",
                          f"a fused weight overflows {str(loaded.dtype).removeprefix('torch.')}; nothing was written "
                          "(convert a float32 copy of the checkpoint instead)")
@@ -463,7 +481,7 @@ def _compare_against(model: nn.Module, other: nn.Module, shapes: tuple[tuple[int
     The float64 figure compares both models upcast; it is only ~exact when `other` holds float64
     weights, so here the pass/fail decision is made in the models' own dtype alone."""
     ver = verify.compare(model, other, shapes, atol=options.atol, rtol=options.rtol, trials=options.trials,
-                         seed=options.seed, exact=False)
+                         seed=options.seed, exact=False, extra=options.verify_shapes)
     return ver
 
 
