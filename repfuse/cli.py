@@ -22,16 +22,14 @@ import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer._click import exceptions as click_exceptions
-from typer.core import TyperGroup
 
 from . import __version__, api
 from . import cli_common as common
@@ -63,7 +61,7 @@ from .cli_common import (
     TrustOpt,
     VerboseOpt,
 )
-from .cli_output import Ui
+from .cli_output import Ui, UsageErrorGroup
 from .types import NotFullyDeployed, Options, QuantStrictFailed, RepfuseError, Report, VerificationFailed
 from .verify import shape_sets
 
@@ -104,36 +102,9 @@ _EXIT_CODES = ("Exit codes: 0 ok · 1 verification failed (nothing written) · 2
                "(143 on SIGTERM).")
 
 
-class _Group(TyperGroup):
-    """Usage errors (a bad flag, a missing argument) become the CLI's own one-line error and hint,
-    and with --json also a JSON error object on stdout."""
-
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
-             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
-        argv = list(sys.argv[1:] if args is None else args)
-        try:
-            rv = super().main(args=argv, prog_name=prog_name or "repfuse", complete_var=complete_var,
-                              standalone_mode=False, **extra)
-            code = rv if isinstance(rv, int) else EXIT_OK
-        except click_exceptions.NoArgsIsHelpError as e:
-            e.show()
-            code = EXIT_USAGE
-        except click_exceptions.UsageError as e:
-            command = next((a for a in argv if a in self.commands), "")
-            options = [a for a in argv[: argv.index("--")] if a.startswith("-")] if "--" in argv else argv
-            ui = Ui(command, as_json="--json" in options)
-            ui.fail(e.format_message(), f"run 'repfuse {command} --help' for usage".replace("  ", " "), EXIT_USAGE)
-            code = EXIT_USAGE
-        except typer.Abort:
-            code = EXIT_USAGE
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
-
 app = typer.Typer(
     name="repfuse",
-    cls=_Group,
+    cls=UsageErrorGroup,
     help="Fuse re-parameterizable train-time branches (RepVGG, MobileOne, ACNet, DBB, ...) into one "
     "conv, from dataflow alone, and prove the result equal.",
     epilog=_EXIT_CODES,

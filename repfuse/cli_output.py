@@ -16,18 +16,22 @@ import errno
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.text import Text
+from typer._click import exceptions as click_exceptions
+from typer.core import TyperGroup
 
 from . import report as rpt
 from .types import Report
 
-__all__ = ["MAX_ANNOTATIONS", "Ui", "annotation", "one_line"]
+__all__ = ["MAX_ANNOTATIONS", "Ui", "UsageErrorGroup", "annotation", "one_line"]
 
+_EXIT_OK, _EXIT_USAGE = 0, 2  # as in cli_common (which this module does not import)
 MAX_ANNOTATIONS = 10  # GitHub shows at most 10 per step and type
 
 
@@ -195,3 +199,30 @@ class Ui:
         if gaps and not report.strict and self.github:  # visible in the PR even when the step passes
             self._annotate("warning", f"not fully deployed: {'; '.join(gaps[:5])}"
                            + (f"; … {len(gaps) - 5} more" if len(gaps) > 5 else ""))
+
+
+class UsageErrorGroup(TyperGroup):
+    """Usage errors (a bad flag, a missing argument) become the CLI's own one-line error and hint,
+    and with --json also a JSON error object on stdout."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(args=argv, prog_name=prog_name or "repfuse", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else _EXIT_OK
+        except click_exceptions.NoArgsIsHelpError as e:
+            e.show()
+            code = _EXIT_USAGE
+        except click_exceptions.UsageError as e:
+            command = next((a for a in argv if a in self.commands), "")
+            options = [a for a in argv[: argv.index("--")] if a.startswith("-")] if "--" in argv else argv
+            ui = Ui(command, as_json="--json" in options)
+            ui.fail(e.format_message(), f"run 'repfuse {command} --help' for usage".replace("  ", " "), _EXIT_USAGE)
+            code = _EXIT_USAGE
+        except typer.Abort:
+            code = _EXIT_USAGE
+        if standalone_mode:
+            sys.exit(code)
+        return code
