@@ -43,18 +43,11 @@ torch.save(d, sys.argv[2])
 
 MAKE = """
 import sys, torch, timm
-from torch import nn
+sys.path.insert(0, sys.argv[3])
+from bench_timm import randomize_bn  # the same randomised BN statistics as the timm comparison
 torch.manual_seed(0)
 m = timm.create_model(sys.argv[1], pretrained=False).eval()
-g = torch.Generator().manual_seed(0)
-for b in m.modules():
-    if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.running_mean is not None:
-        n = b.num_features
-        b.running_mean.copy_((torch.rand(n, generator=g) - 0.5) * 0.4)
-        b.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
-        if b.affine:
-            b.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            b.bias.data.copy_((torch.rand(n, generator=g) - 0.5) * 0.4)
+randomize_bn(m, 0)
 torch.save(m, sys.argv[2])
 """
 
@@ -86,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             src = Path(tmp) / f"{name}.pt"
-            subprocess.run([py, "-c", MAKE, name, str(src)], check=True, env=env)
+            subprocess.run([py, "-c", MAKE, name, str(src), str(Path(__file__).parent)], check=True, env=env)
             mb = src.stat().st_size / 2**20
             rep, flo, stages = [], [], {}
             for i in range(args.repeats):
@@ -106,7 +99,8 @@ def main() -> None:
             rows.append((name, mb, t_r, t_f, m_r, m_f, stages))
             print(f"{name}: {mb:.0f} MB file | repfuse {t_r:.1f} s {m_r:.0f} MiB | floor {t_f:.1f} s {m_f:.0f} MiB "
                   f"| ratio time {t_r / t_f:.2f}× memory {m_r / m_f:.2f}×", flush=True)
-    print("\n| model | file MB | repfuse s | floor s | time ratio | repfuse MiB | floor MiB | memory ratio | stages (s) |")
+    print("\n| model | file MB | repfuse s | floor s | time ratio | repfuse MiB | floor MiB | memory ratio "
+          "| stages (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, mb, t_r, t_f, m_r, m_f, stages in rows:
         st = ", ".join(f"{k} {v:.1f}" for k, v in stages.items() if isinstance(v, (int, float)))

@@ -203,16 +203,13 @@ def _legacy_module_error(path: Path) -> RepfuseError:
 
 
 def _torch_load(path: Path, trust: bool, pairs: list[tuple[Any, str]]) -> Any:
-    legacy = _sniff(path) == "pickle"
     try:
         if trust:
             return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(pairs):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        detail = _unpickling_detail(exc)
-        if legacy and "persistent_load" in detail:
-            raise _legacy_module_error(path) from exc
+        detail = _unpickling_detail(exc)  # legacy whole-module files were refused by the scan already
         raise RepfuseError(
             f"{path.name} could not be loaded safely: {detail}",
             "pass --allow <package> for the package that defines the model classes, "
