@@ -434,3 +434,19 @@ def test_bound_method_hooks_are_refused(tmp_path: Path) -> None:
     with pytest.raises(RepfuseError) as err:
         rio.load_checkpoint(path)
     assert "hook" in err.value.message
+
+
+@pytest.mark.parametrize("command", ["convert", "verify", "verify --against", "inspect"])
+def test_alias_payload_is_refused_by_every_command(tmp_path: Path, command: str) -> None:
+    """Every command loads through the same checks: the payload never runs, exit 2, nothing written."""
+    marker = tmp_path / "PWNED"
+    evil = write_zip(tmp_path / "evil.pt", call_global("torch.nn.modules.module", "torch.save", 1, str(marker)))
+    good = tmp_path / "good.pt"
+    torch.save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), good)
+    args = {"convert": ["convert", str(evil), str(tmp_path / "o.pt")], "verify": ["verify", str(evil)],
+            "verify --against": ["verify", str(good), "--against", str(evil)], "inspect": ["inspect", str(evil)]}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = subprocess.run([sys.executable, "-m", "repfuse", *args[command]], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "torch.nn.modules.module.torch.save" in r.stderr
+    assert not marker.exists() and sorted(p.name for p in tmp_path.iterdir()) == before
