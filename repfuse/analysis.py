@@ -48,6 +48,7 @@ class Analysis:
     notes: dict[str, str] = field(default_factory=dict)  # module path → why it was not analysed
     prefix_values: dict[int, torch.Tensor] = field(default_factory=dict)  # module id → its prefix's value
     kept: dict[int, str] = field(default_factory=dict)  # module id → why it must stay exactly as it is
+    weight_budget: int = 1 << 62  # the most weights one candidate kernel may hold (candidates.weight_budget)
 
     def skip(self, module: str, reason: str) -> None:
         if all(s.module != module for s in self.skipped):  # the first (deepest) reason per place
@@ -67,7 +68,7 @@ def analyse(root: nn.Module, inputs: tuple[Any, ...], dtypes: DtypeMap | None = 
     mode = Float64Mode(shadows)
     with E.preserved_state(root):
         with mode:
-            result = Analysis(records=G.record_calls(root, inputs))
+            result = Analysis(records=G.record_calls(root, inputs), weight_budget=C.weight_budget(root))
         for path, m in reversed(list(root.named_modules())):  # children before parents
             rec = result.records.get(id(m))
             if rec is None:

@@ -104,7 +104,8 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
         applied = rewrite.apply(work, analysis, dtypes, verify.model_dtype(model))
         fused64 = copy.deepcopy(applied.model)
         rewrite.restore_dtypes(applied.model, dtypes)
-    return FuseResult(applied.model, fused64, applied.sites, analysis.skipped, analysis.notes, shapes,
+    skipped = rewrite.live_skips(analysis.skipped, applied.sites, applied.model)
+    return FuseResult(applied.model, fused64, applied.sites, skipped, analysis.notes, shapes,
                       clock.timings, size.source, size.guessed)
 
 

@@ -19,7 +19,6 @@ import torch.fx as fx
 from . import effects as E
 from . import kernels as K
 from . import lowering as L
-from . import regions as R
 from .kernels import ConvOp
 from .regions import site_label
 
@@ -27,10 +26,17 @@ if TYPE_CHECKING:
     from .analysis import Analysis
 
 MAX_BASES = 8  # candidate expressions kept per node: bounds the work on long affine chains
-# a partial sum or chain may cost more than its parts (3×3 d2 + 3×3 is a 5×5 before the 5×5 branch joins);
-# beyond this factor a candidate is dropped at once, so that a depthwise → pointwise chain never builds a
-# dense kernel
-CANDIDATE_COST_LIMIT = 4.0
+# Cost is judged on the region finally written (`regions`), never on partial sums or chains on the way (DBB's
+# 1×1 → avg-pool branch alone costs 9× its ops, the block's sum much less). What bounds the work is size: a
+# candidate kernel may hold at most this many times the weights of the model's largest layer, checked before
+# it is built, so a depthwise → pointwise chain never builds a dense kernel the model could not fuse anyway
+CANDIDATE_WEIGHT_LIMIT = 4
+
+
+def weight_budget(root: torch.nn.Module) -> int:
+    """The most weights one candidate kernel may hold: CANDIDATE_WEIGHT_LIMIT × the largest layer's."""
+    largest = max((t.numel() for t in root.parameters() if t.dim() >= 2), default=0)
+    return CANDIDATE_WEIGHT_LIMIT * max(largest, 1 << 16)
 
 
 def filled_pad(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], base_cands: dict[fx.Node, L.Expr],
@@ -159,8 +165,8 @@ def _sum_terms(node: fx.Node, terms: list[tuple[fx.Node, float]], extra: frozens
             first_reason = first_reason or reason
             continue
         cost = sum(e.cost for e in exprs)
-        if L.op_cost(op) > cost * CANDIDATE_COST_LIMIT:
-            first_reason = first_reason or R.costlier(op, cost)
+        if op.weight.numel() > result.weight_budget:
+            first_reason = first_reason or _too_large(op.weight.numel(), result)
             continue
         out[base] = L.Expr(op, frozenset().union(*(e.nodes for e in exprs)) | extra | {node},
                            sum(e.ops for e in exprs) + len(exprs) - 1, sum((e.terms for e in exprs), ()),
@@ -235,10 +241,9 @@ def extend(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node
             e = _in_layout(e, info.op.nd, values.get(base))
             if e is None:
                 continue
-        op, reason = K.compose(e.op, info.op)
+        size = K.composed_numel(e.op, info.op) if e.op.nd == info.op.nd else 0
+        op, reason = (None, _too_large(size, result)) if size > result.weight_budget else K.compose(e.op, info.op)
         cost = e.cost + info.input_cost() / math.prod(e.op.stride)
-        if op is not None and L.op_cost(op) > cost * CANDIDATE_COST_LIMIT:
-            op, reason = None, R.costlier(op, cost)
         if op is None:
             if base is not x:
                 result.skip(site_label(path, node), reason or "not exact")
@@ -247,6 +252,11 @@ def extend(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node
                            e.norms + info.norms, e.scales + info.scales, e.leaves + info.leaves, cost,
                            partial=info.partial)
     return _cap(out)
+
+
+def _too_large(size: int, result: Analysis) -> str:
+    return (f"one fused kernel would hold {size:,} weights, over {CANDIDATE_WEIGHT_LIMIT}× the model's largest "
+            "layer: not built")
 
 
 def _chain_terms(terms: tuple[str, ...], info: L.LeafInfo) -> tuple[str, ...]:

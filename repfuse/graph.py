@@ -108,10 +108,43 @@ _INPLACE = {"__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": op
 
 class _AssignableProxy(fx.Proxy):
     """fx's Proxy refuses `t[idx] = v` (DBB writes pad rings that way) and turns `t += u` into `t = t + u`,
-    which drops the change to `t` that every other holder of it sees. Record both as what they are."""
+    which drops the change to `t` that every other holder of it sees. Record both as what they are.
+
+    A value computed from the module's parameters and buffers alone is known while tracing (see
+    `LeafTracer.create_proxy`): its shape and Python conversions (``o, i, h, w = self.weight.size()``,
+    ``int(t / g)``) are those fixed numbers, so code that builds a kernel in forward still traces."""
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    def __getattr__(self, k: str) -> Any:
+        value = getattr(self.tracer, "known", {}).get(self.node, _UNKNOWN)
+        if k in _SHAPE_ATTRS and isinstance(value, torch.Tensor):
+            return getattr(value, k)
+        return super().__getattr__(k)
+
+    def _known(self, what: str) -> Any:
+        value = getattr(self.tracer, "known", {}).get(self.node, _UNKNOWN)
+        if value is _UNKNOWN:
+            raise fx.proxy.TraceError(f"{what} of a value that depends on the input cannot be traced")
+        return value
+
+    def __bool__(self) -> bool:
+        return bool(self._known("bool()"))
+
+    def __int__(self) -> int:
+        return int(self._known("int()"))
+
+    def __float__(self) -> float:
+        return float(self._known("float()"))
+
+    def __index__(self) -> int:
+        return self._known("an index").__index__()
+
+
+_UNKNOWN = object()
+_SHAPE_ATTRS = frozenset({"shape", "ndim"})
+_SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "__len__"})
 
 
 def _inplace_method(fn: Any) -> Any:
@@ -140,9 +173,49 @@ class LeafTracer(fx.Tracer):
         super().__init__()
         self.start_mode = _mode()
         self.moded: list[fx.Node] = []
+        self.known: dict[fx.Node, Any] = {}  # node computed from the module's state alone → its value
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     *rest: Any, **more: Any) -> Any:
+        """Also evaluate what depends on parameters, buffers and literals alone (pure ops only): a shape
+        query of such a value returns the plain number instead of a node."""
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        node = getattr(proxy, "node", None)
+        if node is None:
+            return proxy
+        value = self._evaluate(node)
+        if value is _UNKNOWN:
+            return proxy
+        if kind == "call_method" and target in _SHAPE_METHODS and not node.users:
+            self.graph.erase_node(node)
+            return value
+        self.known[node] = value
+        return proxy
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        if node.op == "get_attr":
+            try:
+                return _fetch(self.root, str(node.target))
+            except (AttributeError, KeyError):
+                return _UNKNOWN
+        if node.op not in ("call_function", "call_method") or not node.all_input_nodes or E.is_impure(node):
+            return _UNKNOWN
+        for i in node.all_input_nodes:  # tensor constants become get_attr nodes without a proxy
+            if i not in self.known and i.op == "get_attr" and self._evaluate(i) is not _UNKNOWN:
+                self.known[i] = self._evaluate(i)
+        if any(i not in self.known for i in node.all_input_nodes):
+            return _UNKNOWN
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.known[n])
+        try:
+            with torch.no_grad():
+                if node.op == "call_method":
+                    return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+                return node.target(*args, **kwargs)
+        except Exception:  # not evaluable here: it stays a node like any other
+            return _UNKNOWN
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _AssignableProxy(node, self)
@@ -152,6 +225,19 @@ class LeafTracer(fx.Tracer):
         if _mode() != self.start_mode:
             self.moded.append(node)
         return node
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    """The tensor at `target` under `root`, read from the module dicts (nn.Module.__getattr__ is patched
+    while tracing)."""
+    *path, name = target.split(".")
+    m = root
+    for part in path:
+        m = m._modules[part]
+    for store in (m._parameters, m._buffers, m.__dict__):
+        if name in store:
+            return store[name]
+    raise AttributeError(target)
 
 
 @dataclass

@@ -309,6 +309,14 @@ def compose(a: ConvOp, b: ConvOp) -> tuple[ConvOp | None, str | None]:
     nd = a.nd
     stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
     padding = tuple(pa + sa * pb for pa, sa, pb in zip(a.padding, a.stride, b.padding))
+    if nd and _is_window_free(b):  # b mixes channels only: b's matrix times a's kernel
+        weight = _mix_after(a, b)
+        return ConvOp(weight, b.bias + _apply_weight_to_vector(b, a.bias), stride, padding, a.dilation,
+                      math.gcd(a.groups, b.groups), mode), None
+    if nd and a.is_pointwise:  # a mixes channels only: b's kernel times a's matrix
+        weight = _mix_before(a, b)
+        return ConvOp(weight, b.bias + _apply_weight_to_vector(b, a.bias), stride, padding, b.dilation,
+                      math.gcd(a.groups, b.groups), mode), None
     if nd == 0:
         groups = math.gcd(a.groups, b.groups)
         w = regroup(b, groups).weight.reshape(b.out_channels, -1)  # [O, M/g]
@@ -347,6 +355,47 @@ def compose(a: ConvOp, b: ConvOp) -> tuple[ConvOp | None, str | None]:
                                                                                *out.shape[2:])
     bias = b.bias + _apply_weight_to_vector(b, a.bias)
     return ConvOp(weight, bias, stride, padding, tuple(dil), groups, mode), None
+
+
+def _is_window_free(op: ConvOp) -> bool:
+    """A 1×…×1 kernel without padding (any stride): it reads one position of its input per output."""
+    return all(k == 1 for k in op.kernel_size) and not any(op.padding)
+
+
+def _mix_after(a: ConvOp, b: ConvOp) -> torch.Tensor:
+    """The kernel of b∘a for a window-free b: Σ_m b[o, m] · a[m, i, taps], grouped as gcd(groups).
+
+    Kept in a's own grouping (a depthwise a is never made dense), so the work is that of the result."""
+    g, ga = math.gcd(a.groups, b.groups), a.groups
+    wb = regroup(b, g).weight.reshape(g, b.out_channels // g, ga // g, a.out_channels // ga)
+    wa = a.weight.reshape(g, ga // g, a.out_channels // ga, a.in_channels // ga, *a.kernel_size)
+    out = torch.einsum("gorm,grmj...->gorj...", wb, wa)
+    return out.reshape(b.out_channels, a.in_channels // g, *a.kernel_size)
+
+
+def _mix_before(a: ConvOp, b: ConvOp) -> torch.Tensor:
+    """The kernel of b∘a for a pointwise a: Σ_m b[o, m, taps] · a[m, i], grouped as gcd(groups)."""
+    g, gb = math.gcd(a.groups, b.groups), b.groups
+    wa = regroup(a, g).weight.reshape(gb, b.in_channels // gb, a.in_channels // g)
+    wb = b.weight.reshape(gb, b.out_channels // gb, b.in_channels // gb, -1)
+    out = torch.einsum("qomk,qmj->qojk", wb, wa)
+    return out.reshape(b.out_channels, a.in_channels // g, *b.kernel_size)
+
+
+def composed_numel(a: ConvOp, b: ConvOp) -> int:
+    """How many weights the kernel of b∘a will have, without building it (the same cases as `compose`)."""
+    if b.is_diagonal:
+        return a.weight.numel()
+    if a.is_diagonal:
+        return b.weight.numel()
+    if a.nd == 0 or _is_window_free(b):
+        size = a.kernel_size
+    elif a.is_pointwise:
+        size = b.kernel_size
+    else:
+        size = tuple(ka if kb == 1 else kb if ka == 1 else da * (ka - 1) + db * sa * (kb - 1) + 1
+                     for ka, kb, da, db, sa in zip(a.kernel_size, b.kernel_size, a.dilation, b.dilation, a.stride))
+    return b.out_channels * (a.in_channels // math.gcd(a.groups, b.groups)) * math.prod(size)
 
 
 def _spread_axis(op: ConvOp, axis: int, step: int) -> ConvOp:

@@ -28,7 +28,7 @@ from .analysis import COST_SLACK, Analysis, DtypeMap, ModulePlan, Region, analys
 from .kernels import ConvOp
 from .modules import SHADOWABLE, GraphBlock, UnsupportedProgram, carried, graph_to_program
 from .reach import reached
-from .types import FusionSite
+from .types import FusionSite, SkippedSite
 
 __all__ = ["Applied", "DtypeMap", "analyse", "apply", "count_layers", "materialise", "original_dtypes",
            "restore_dtypes"]
@@ -373,3 +373,19 @@ def count_layers(model: nn.Module) -> tuple[int, int]:
     norms = sum(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
     return convs, norms
 
+
+
+def live_skips(skipped: list[SkippedSite], sites: list[FusionSite], deployed: nn.Module) -> list[SkippedSite]:
+    """The skipped places that are still there: an entry recorded inside a module that a fused site folded
+    in whole after all (DBB's avg-pool branch, too costly alone, fused with the block) is dropped."""
+    if any(s.module == "<root>" for s in sites):
+        return []  # the whole model is one layer
+    whole = tuple(f"{s.module}." for s in sites if any(b.startswith(f"{s.module}.") for b in s.branches))
+    folded = {b for s in sites for b in s.branches}
+    alive = {p for p, _ in deployed.named_modules()}
+
+    def stale(path: str) -> bool:
+        owner = path.rpartition(".")[0]
+        return path.startswith(whole) or (bool(owner) and owner not in alive and any(
+            b == owner or b.startswith(f"{owner}.") for b in folded))
+    return [s for s in skipped if not stale(s.module)]

@@ -23,6 +23,7 @@ from repfuse.kernels import (
     avgpool_op,
     channel_affine,
     compose,
+    composed_numel,
     conv_op,
     densify_axis,
     embed_kernel,
@@ -578,9 +579,11 @@ def exact_chains(draw, kind):
 def fold_left(ops: list[ConvOp]) -> tuple[ConvOp | None, str | None]:
     acc = ops[0]
     for op in ops[1:]:
+        predicted = composed_numel(acc, op)  # the size the engine checks before building a kernel
         acc, reason = compose(acc, op)
         if acc is None:
             return None, reason
+        assert acc.weight.numel() == predicted, (tuple(acc.weight.shape), predicted)
     return acc, None
 
 
@@ -1058,3 +1061,30 @@ def test_library_apply_op_matches_reference(case, dtype):
         else:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()))
         x = got
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compose_with_a_pointwise_side_keeps_groups_exact(seed):
+    """1×1 on either side of a grouped or depthwise k×k (any stride): the kernel is built in the grouping of
+    the result (a depthwise op is never made dense first), exact against running the two ops."""
+    g = gen(100 + seed)
+    for _ in range(40):
+        ga, gb = (int(v) for v in torch.randint(0, 3, (2,), generator=g).tolist())
+        ga, gb = 2 ** ga, 2 ** gb
+        c0, c1, c2 = (4 * int(v) for v in torch.randint(1, 4, (3,), generator=g).tolist())
+        if torch.rand((), generator=g) < 0.3:
+            c1, ga = c0, c0  # depthwise
+        k = int(torch.randint(0, 2, (), generator=g)) * 2 + 1
+        sa, sb = (int(v) for v in torch.randint(1, 3, (2,), generator=g).tolist())
+        if torch.rand((), generator=g) < 0.5:  # k×k then 1×1
+            a = make_conv(g, c0, c1, (k, k), s=(sa, sa), p=(k // 2, k // 2), groups=ga)
+            b = make_conv(g, c1, c2, (1, 1), s=(sb, sb), groups=gb)
+        else:  # 1×1 then k×k
+            a = make_conv(g, c0, c1, (1, 1), groups=ga)
+            b = make_conv(g, c1, c2, (k, k), s=(sb, sb), p=(k // 2, k // 2), groups=gb)
+            a = replace(a, bias=torch.zeros_like(a.bias))  # b's zero padding must see zeros
+        fused, reason = compose(a, b)
+        assert reason is None and fused.groups == math.gcd(ga, gb)
+        assert fused.weight.numel() == composed_numel(a, b)
+        x = rnd(g, 2, c0, 13, 11)
+        assert_close(apply(fused, x), apply(b, apply(a, x)))

@@ -1,0 +1,184 @@
+"""Whole train-time blocks written the way popular projects write them: each must become exactly one
+layer (float64 error < 1e-9, randomised BN statistics), with no stale `skipped[]` entry left behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models_zoo import fuse_checked
+from torch import nn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class PadWithShift(nn.Module):
+    """BN, then a zero pad whose ring is overwritten with the BN's shift (as DBB writes it)."""
+
+    def __init__(self, pad: int, channels: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(x)
+        if self.pad > 0:
+            shift = self.bn.bias.detach() - self.bn.running_mean * self.bn.weight.detach() / torch.sqrt(
+                self.bn.running_var + self.bn.eps)
+            y = F.pad(y, [self.pad] * 4)
+            shift = shift.view(1, -1, 1, 1)
+            y[:, :, 0:self.pad, :] = shift
+            y[:, :, -self.pad:, :] = shift
+            y[:, :, :, 0:self.pad] = shift
+            y[:, :, :, -self.pad:] = shift
+        return y
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int, pad: int, groups: int) -> nn.Sequential:
+    seq = nn.Sequential()
+    seq.add_module("conv", nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=False))
+    seq.add_module("bn", nn.BatchNorm2d(cout))
+    return seq
+
+
+class DiverseBranch(nn.Module):
+    """k×k-BN + 1×1-BN + (1×1 → BN-and-pad → avg-pool → BN) + (1×1 → BN-and-pad → k×k → BN), summed in place.
+
+    The avg-pool branch alone is far costlier as one conv than its ops (a dense k×k from a 1×1 and a
+    pool): only the block's sum pays, so cost must be judged on the block."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        p = k // 2
+        self.dbb_origin = _conv_bn(cin, cout, k, stride, p, groups)
+        if groups < cout:
+            self.dbb_1x1 = _conv_bn(cin, cout, 1, stride, 0, groups)
+        self.dbb_avg = nn.Sequential()
+        if groups < cout:
+            self.dbb_avg.add_module("conv", nn.Conv2d(cin, cout, 1, 1, 0, groups=groups, bias=False))
+            self.dbb_avg.add_module("bn", PadWithShift(p, cout))
+            self.dbb_avg.add_module("avg", nn.AvgPool2d(k, stride, 0))
+        else:
+            self.dbb_avg.add_module("avg", nn.AvgPool2d(k, stride, p))
+        self.dbb_avg.add_module("avgbn", nn.BatchNorm2d(cout))
+        mid = cin if groups < cout else 2 * cin
+        self.dbb_1x1_kxk = nn.Sequential()
+        self.dbb_1x1_kxk.add_module("conv1", nn.Conv2d(cin, mid, 1, 1, 0, groups=groups, bias=False))
+        self.dbb_1x1_kxk.add_module("bn1", PadWithShift(p, mid))
+        self.dbb_1x1_kxk.add_module("conv2", nn.Conv2d(mid, cout, k, stride, 0, groups=groups, bias=False))
+        self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(cout))
+        self.nonlinear = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dbb_origin(x)
+        if hasattr(self, "dbb_1x1"):
+            out += self.dbb_1x1(x)
+        out += self.dbb_avg(x)
+        out += self.dbb_1x1_kxk(x)
+        return self.nonlinear(out)
+
+
+class DBBNet(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.stem = DiverseBranch(3, width, 3, stride=2)
+        self.body = nn.Sequential(DiverseBranch(width, width), DiverseBranch(width, 2 * width, 3, stride=2),
+                                  DiverseBranch(2 * width, 2 * width, 5))
+        self.head = nn.Linear(2 * width, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("width", [4, 32], ids=["narrow", "wide"])
+def test_every_dbb_block_becomes_one_conv(width: int) -> None:
+    """Wide channels make each branch's own conv 7–20× costlier than its ops; each block still fuses."""
+    model = DBBNet(width)
+    res = fuse_checked(model, (2, 3, 31, 29), convs=4, norms=0, dtype=torch.float64, keep=["head"])
+    sites = sorted(res.sites, key=lambda s: s.module)  # each block: ReLU(one conv), the conv a new layer in it
+    assert [s.module.rpartition(".")[0] for s in sites] == ["body.0", "body.1", "body.2", "stem"]
+    assert [s.kernel for s in sites] == [(3, 3), (3, 3), (5, 5), (3, 3)]
+    assert res.skipped == [], res.skipped  # nothing stale from the branches analysed on their own
+
+
+def test_dbb_depthwise_block_becomes_one_conv() -> None:
+    model = nn.Sequential(DiverseBranch(16, 16, 3, groups=16), nn.Flatten())
+    res = fuse_checked(model, (2, 16, 12, 12), convs=1, norms=0, dtype=torch.float64)
+    assert [s.groups for s in res.sites] == [16]
+
+
+def test_depthwise_then_pointwise_stays_two_layers() -> None:
+    """A dense kernel from depthwise → pointwise would cost k² times more: never written."""
+    c = 64
+    model = nn.Sequential(nn.Conv2d(c, c, 7, padding=3, groups=c), nn.BatchNorm2d(c), nn.Conv2d(c, 4 * c, 1),
+                          nn.ReLU())
+    res = fuse_checked(model, (1, c, 16, 16), convs=2, norms=0)
+    assert all(s.kernel == (1, 1) or s.groups == c for s in res.sites), res.sites
+
+
+# ------------------------------------------------------------------------------------------------
+# Online re-parameterization (OREPA-style): the kernel is computed in forward from parameters
+
+
+class OnlineKernelConv(nn.Module):
+    """One conv whose kernel is built on every forward from several parameter tensors: a scaled k×k, a
+    1×1 → k×k product (grouped with shapes read from the parameters), a 1×1 widened to k×k and a
+    fixed identity buffer; then BN. Reads `.size()`, `.shape` and `int(...)` of parameter tensors."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        self.k, self.stride, self.groups = k, stride, groups
+        self.w_origin = nn.Parameter(torch.randn(cout, cin // groups, k, k) * 0.2)
+        self.w_pw = nn.Parameter(torch.randn(cin, cin // groups, 1, 1) * 0.3)
+        self.w_kxk = nn.Parameter(torch.randn(cout, cin // groups, k, k) * 0.2)
+        self.w_1x1 = nn.Parameter(torch.randn(cout, cin // groups, 1, 1) * 0.3)
+        self.vector = nn.Parameter(torch.rand(3, cout) + 0.5)
+        eye = torch.zeros(cin, cin // groups, 1, 1)
+        for i in range(cin):
+            eye[i, i % (cin // groups), 0, 0] = 1
+        self.register_buffer("eye", eye)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def kernel(self) -> torch.Tensor:
+        origin = torch.einsum("oihw,o->oihw", self.w_origin, self.vector[0, :])
+        pw = (self.w_pw + self.eye).squeeze(3).squeeze(2)
+        t, ig = pw.size()
+        o, tg, h, w = self.w_kxk.shape
+        g = self.groups
+        chained = torch.einsum("gti,gothw->goihw", pw.view(g, int(t / g), ig),
+                               self.w_kxk.view(g, int(o / g), tg, h, w)).reshape(o, ig, h, w)
+        chained = chained * self.vector[1, :].view(-1, 1, 1, 1)
+        pad = (self.k - 1) // 2
+        wide = F.pad(self.w_1x1, [pad, pad, pad, pad]) * self.vector[2, :].view(-1, 1, 1, 1)
+        return origin + chained + wide
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.conv2d(x, self.kernel(), None, self.stride, self.k // 2, 1, self.groups)
+        return F.relu(self.bn(out))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_kernel_computed_in_forward_becomes_a_constant(groups: int) -> None:
+    model = nn.Sequential(OnlineKernelConv(8, 16, 3, stride=2, groups=groups), OnlineKernelConv(16, 16, 5),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    res = fuse_checked(model, (2, 8, 17, 15), convs=2, norms=0, dtype=torch.float64)
+    assert res.notes == {} and res.skipped == [], (res.notes, res.skipped)
+    assert [s.groups for s in res.sites] == [groups, 1]
+
+
+def test_a_branch_on_an_input_value_still_stops_the_trace() -> None:
+    """Only what depends on parameters alone is evaluated while tracing; `if x.sum() > 0` is not."""
+
+    class InputBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:
+                return self.bn(self.conv(x))
+            return x
+
+    res = fuse_checked(nn.Sequential(InputBranch(), nn.Flatten()), (2, 4, 8, 8), convs=None, norms=None)
+    assert "0" in res.notes and "trace" in res.notes["0"], res.notes
