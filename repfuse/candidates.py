@@ -2,7 +2,8 @@
 is an affine function of. Reads only.
 
 Each builder here composes the lowered ops of `lowering` with the algebra of `kernels` (parallel sums,
-chains, a zero pad whose ring is refilled, reshapes that keep the last axis); a composition that is not
+chains, a zero pad whose ring is refilled, reshapes that keep the last axis, constants per channel on
+axis 1 or on the last axis, as channels-last layer scales and biases next to a Linear); a composition that is not
 exact reports why (`Analysis.skip`). Nothing here knows any architecture.
 """
 
@@ -204,30 +205,39 @@ def unary_info(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], constants:
     nd = len(shape) - 2
     other = [a for a in args if not (isinstance(a, fx.Node) and a is x)]
     if key in L._MUL and len(args) == 2 and len(other) == 1:
-        s = L.channel_constant(other[0], shape)
-        return None if s is None else L.LeafInfo(K.channel_affine(s, torch.zeros_like(s), nd), "scale",
-                                                 scales=1, terms=("identity",))
+        return _affine_info(other[0], shape, lambda s: (s, torch.zeros_like(s)), "scale", 1)
     if key in L._DIV and len(args) == 2 and args[0] is x:
-        s = L.channel_constant(args[1], shape)
-        return None if s is None or bool(torch.any(s == 0)) else L.LeafInfo(
-            K.channel_affine(1.0 / s, torch.zeros_like(s), nd), "scale", scales=1, terms=("identity",))
+        return _affine_info(args[1], shape, lambda s: (1.0 / s, torch.zeros_like(s)), "scale", 1, nonzero=True)
     if (key in L._ADD or key in L._SUB) and len(args) == 2 and len(other) == 1 and not kwargs:
-        c = L.channel_constant(other[0], shape)
-        if c is None:
-            return None
-        sign = -1.0 if key in L._SUB else 1.0
         if key in L._SUB and args[1] is x:  # c − x
-            return L.LeafInfo(K.channel_affine(-torch.ones_like(c), c, nd), "bias", scales=1,
-                              terms=("identity",))
-        return L.LeafInfo(K.channel_affine(torch.ones_like(c), sign * c, nd), "bias", terms=("identity",))
+            return _affine_info(other[0], shape, lambda c: (-torch.ones_like(c), c), "bias", 1)
+        sign = -1.0 if key in L._SUB else 1.0
+        return _affine_info(other[0], shape, lambda c: (torch.ones_like(c), sign * c), "bias", 0)
     if key in L._NEG:
+        last = K.scale_op(K.identity_op(shape[-1], 0), -1.0) if nd else None
         return L.LeafInfo(K.scale_op(K.identity_op(shape[1], nd), -1.0), "scale", scales=1,
-                          terms=("identity",))
+                          terms=("identity",), last_axis=last)
     if args and args[0] is x:
         info = L.lower_function(node, args, kwargs, shape)
         if info is not None:
             return replace(info, leaves=(f"{prefix}{node.name}",))
     return None
+
+
+def _affine_info(value: Any, shape: tuple[int, ...], affine: Any, kind: str, scales: int,
+                 nonzero: bool = False) -> L.LeafInfo | None:
+    """``scale · x + shift`` with a constant per channel (axis 1, as a BN) or per entry of the last axis (a
+    channels-last layer scale or bias, as a Linear's output); a scalar gives both (`last_axis`)."""
+    ops = []
+    for c, nd in ((L.channel_constant(value, shape), len(shape) - 2),
+                  (L.channel_constant(value, shape, -1) if len(shape) > 2 else None, 0)):
+        if c is None or (nonzero and bool(torch.any(c == 0))):
+            continue
+        scale, shift = affine(c)
+        ops.append(K.channel_affine(scale, shift, nd))
+    if not ops:
+        return None
+    return L.LeafInfo(ops[0], kind, scales=scales, terms=("identity",), last_axis=ops[1] if len(ops) > 1 else None)
 
 
 def extend(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node, L.Expr],
@@ -237,13 +247,18 @@ def extend(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node
     for base, e in base_cands.items():
         if e.partial or (info.partial and base is x):  # base x alone: the child's own business
             continue
+        step = info
         if _is_identity(e.op):  # an identity takes the layout of the op applied to it
             e = _in_layout(e, info.op.nd, values.get(base))
             if e is None:
                 continue
-        size = K.composed_numel(e.op, info.op) if e.op.nd == info.op.nd else 0
-        op, reason = (None, _too_large(size, result)) if size > result.weight_budget else K.compose(e.op, info.op)
-        cost = e.cost + info.input_cost() / math.prod(e.op.stride)
+        elif info.last_axis is not None and e.op.nd == 0 and info.op.nd != 0:  # a scalar after a last-axis op
+            step = replace(info, op=info.last_axis, last_axis=None)
+        elif e.op.nd != info.op.nd and info.kind in ("scale", "bias"):
+            continue  # a constant on the other layout's channel axis (a per-width scale after a conv): opaque
+        size = K.composed_numel(e.op, step.op) if e.op.nd == step.op.nd else 0
+        op, reason = (None, _too_large(size, result)) if size > result.weight_budget else K.compose(e.op, step.op)
+        cost = e.cost + step.input_cost() / math.prod(e.op.stride)
         if op is None:
             if base is not x:
                 result.skip(site_label(path, node), reason or "not exact")

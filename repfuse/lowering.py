@@ -66,6 +66,9 @@ class LeafInfo:
     leaves: tuple[str, ...] = ()
     cost: float | None = None  # per input position; None: that of `op` itself
     partial: bool = False  # only the child's affine prefix (see analysis.Prefix), not its whole forward
+    # the same op on the LAST axis (nd == 0), where a constant broadcasts both ways (a scalar on [N, H, W, C]):
+    # the layout of the op before it decides which one composes
+    last_axis: ConvOp | None = None
 
     def input_cost(self) -> float:
         return self.cost if self.cost is not None else op_cost(self.op) if self.op is not None else 0.0
@@ -381,9 +384,12 @@ def _arg(args: list[Any], kwargs: dict[str, Any], i: int, name: str, default: An
     return default
 
 
-def channel_constant(value: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """A constant that broadcasts as one value per channel of a [N, C, ...] tensor, as a [C] vector."""
-    c = shape[1]
+def channel_constant(value: Any, shape: tuple[int, ...], axis: int = 1) -> torch.Tensor | None:
+    """A constant that broadcasts as one value per channel of a [N, C, ...] tensor, as a [C] vector; with
+    axis=-1, one value per entry of the LAST axis (a layer scale or bias of shape [C] or [1, 1, 1, C] on a
+    channels-last [N, H, W, C] tensor, as a Linear's features)."""
+    axis %= len(shape)
+    c = shape[axis]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.full((c,), float(value), dtype=K.DT)
     if not isinstance(value, torch.Tensor) or (not value.is_floating_point() and value.dtype != torch.int64):
@@ -391,6 +397,6 @@ def channel_constant(value: Any, shape: tuple[int, ...]) -> torch.Tensor | None:
     if value.dim() > len(shape):
         return None
     full = (1,) * (len(shape) - value.dim()) + tuple(value.shape)
-    if full[0] != 1 or any(s != 1 for s in full[2:]) or full[1] not in (1, c):
+    if any(s != 1 for i, s in enumerate(full) if i != axis) or full[axis] not in (1, c):
         return None
     return value.detach().to(K.DT).reshape(-1).expand(c).clone()

@@ -2,17 +2,20 @@
 
 A candidate ``value = op(base)`` becomes a region when it is exact and self-contained: no inner
 value is read outside it, no module in it is shared or read elsewhere, it pays (never more
-multiply-adds than the ops it replaces), it computes in ONE dtype (the fused layer runs in the dtype
-of the values it replaces — a float64 buffer in a float32 model makes the original float64, and a
-float32 conv would not be), and it reproduces its recorded output (the witness; the proof is the
-shape-generic lowering, see `lowering`). Values changed in place are never inside a region or
-its base; a changed *output* is allowed when it is a fresh tensor: the in-place op stays in the
-deploy model and changes the fused layer's output just as it changed the original's.
+multiply-adds than the ops it replaces), it adds no layer (it folds at least one conv or linear: a
+norm's affine step or a lone scale stays as it is, never a new depthwise 1×1, see `adds_layer`), it
+computes in ONE dtype (the fused layer runs in the dtype of the values it replaces — a float64 buffer
+in a float32 model makes the original float64, and a float32 conv would not be), and it reproduces
+its recorded output (the witness; the proof is the shape-generic lowering, see `lowering`). Values
+changed in place are never inside a region or its base; a changed *output* is allowed when it is a
+fresh tensor: the in-place op stays in the deploy model and changes the fused layer's output just as
+it changed the original's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -110,6 +113,7 @@ def choose_regions(plan: ModulePlan, cands: Cands, ctx: Context) -> None:
                 problem = costlier(expr.op, expr.cost)
             if problem is None and any(p < 0 for p in expr.op.padding):
                 problem = "the sub-graph crops more than it pads: not one conv on its own"
+            problem = problem or adds_layer(expr)
             error = 0.0
             if problem is None:
                 target = ctx.output_value(y)
@@ -123,6 +127,28 @@ def choose_regions(plan: ModulePlan, cands: Cands, ctx: Context) -> None:
             plan.regions.append(Region(base, y, expr, error, dtype))
             consumed |= expr.nodes
             break
+
+
+_POOL_TERM = re.compile(r"avgpool [0-9×]+")
+
+
+def folds_layer(terms: tuple[str, ...]) -> bool:
+    """Do these branch terms hold a conv or linear layer (a kernel size or "linear")? BNs, scales, biases,
+    identities, pads and crops are "identity"; an average pool is "avgpool k×k" and is no layer."""
+    return any(re.search(r"[0-9]|linear", _POOL_TERM.sub("", t)) for t in terms)
+
+
+def adds_layer(expr: L.Expr) -> str | None:
+    """Why writing `expr` as one conv would ADD a layer: it replaces no conv or linear (a norm's affine
+    step, a lone scale or bias, an average pool with a BN). repfuse never adds one; these stay as they are."""
+    if folds_layer(expr.terms):
+        return None
+    parts = [f"BN×{expr.norms}" if expr.norms else "", f"scale×{expr.scales}" if expr.scales else "",
+             ", ".join(t for t in expr.terms if t != "identity")]
+    what = ", ".join(p for p in parts if p) or "per-channel affine ops"
+    layer = "linear" if expr.op.nd == 0 else f"{K.describe_kernel(expr.op.kernel_size)} conv"
+    return (f"one fused {layer} would add a layer: the sub-graph ({what}, per-channel affine) replaces no conv "
+            "or linear; left as it is")
 
 
 def common_dtype(nodes: set[fx.Node] | frozenset[fx.Node], replay: Replay,
@@ -228,6 +254,11 @@ def summarise(plan: ModulePlan, cands: Cands, ctx: Context, rec: CallRecord) -> 
         dtype, problem = common_dtype(expr.nodes | {x}, ctx.replay)
         error, problem = self_check(expr, ctx.values.get(x), ctx.values.get(y)) if problem is None else (0.0, problem)
         if problem is None:
+            if adds_layer(expr):
+                # no conv or linear inside (a scale module, a norm's affine step): it costs nothing as a
+                # layer of its own, so it is written only where a parent folds it into one (the collapse
+                # in place would ADD a conv, `rewrite.apply`; choose_regions has said why, at its output)
+                expr = replace(expr, cost=0.0)
             plan.summary, plan.summary_error, plan.summary_dtype = expr, error, dtype
             return
     plan.prefix = find_prefix(plan, cands, x, ctx)
