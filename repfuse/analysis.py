@@ -18,6 +18,7 @@ nothing here knows any architecture.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -59,21 +60,28 @@ class Analysis:
 # Pass 1: analysis
 
 
-def analyse(root: nn.Module, inputs: tuple[Any, ...], dtypes: DtypeMap | None = None) -> Analysis:
+def analyse(root: nn.Module, inputs: tuple[Any, ...], dtypes: DtypeMap | None = None,
+            progress: Callable[[int, int], None] | None = None) -> Analysis:
     """Record one forward of `root` (a float64 copy, in eval) and analyse every called module.
 
     `dtypes` gives each parameter's and buffer's dtype before the float64 copy was made (see
-    rewrite.original_dtypes); the inputs count as the first floating dtype among them."""
+    rewrite.original_dtypes); the inputs count as the first floating dtype among them. `progress`
+    receives (modules analysed, modules to analyse) as the work goes."""
     shadows = _shadows(root, inputs, dtypes)
     mode = Float64Mode(shadows)
     with E.preserved_state(root):
         with mode:
             result = Analysis(records=G.record_calls(root, inputs), weight_budget=C.weight_budget(root))
-        for path, m in reversed(list(root.named_modules())):  # children before parents
-            rec = result.records.get(id(m))
-            if rec is None:
-                continue
+        todo = [(path, m) for path, m in reversed(list(root.named_modules())) if id(m) in result.records]
+        for done, (path, m) in enumerate(todo):  # children before parents
+            if progress is not None:
+                progress(done, len(todo))
+            rec = result.records[id(m)]
             _analyse_module(path, m, rec, result, mode)
+            for child in m.children():  # its parent has replayed it: what it recorded is no longer needed
+                if id(child) in result.records:
+                    G.release(result.records[id(child)])
+                result.prefix_values.pop(id(child), None)
     return result
 
 
@@ -89,6 +97,7 @@ def _shadows(root: nn.Module, inputs: tuple[Any, ...], dtypes: DtypeMap | None) 
                     shadows.set(t, dtypes[(id(m), name)])
                     order.append(dtypes[(id(m), name)])
     first = next((d for d in order if d.is_floating_point), torch.float32)
+    shadows.default = first
     for x in inputs:
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             shadows.set(x, first)

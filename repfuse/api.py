@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, export, factory, input_size, keymap, programs, quant, rewrite, verify, weights
+from . import __version__, export, factory, input_size, keymap, leftovers, programs, quant, rewrite, verify, weights
 from . import io as rio
 from . import report as rpt
 from .types import (
@@ -33,7 +33,24 @@ from .types import (
     VerificationFailed,
 )
 
-Progress = Callable[[str], None]  # receives short stage messages ("tracing", "verifying", ...)
+Progress = Callable[[str], None]  # receives short messages ("tracing and analysing modules", ...), as `Step`s
+
+
+class Step(str):
+    """A progress message. Still a plain str (so any callable of one argument can be the progress), with
+    what a display needs: the stage, modules done / total while they are analysed, and once a stage has
+    finished the seconds it took (the same message, sent again)."""
+
+    stage: str
+    done: int | None
+    total: int | None
+    seconds: float | None
+
+    def __new__(cls, message: str, stage: str, done: int | None = None, total: int | None = None,
+                seconds: float | None = None) -> Step:
+        step = super().__new__(cls, message)
+        step.stage, step.done, step.total, step.seconds = stage, done, total, seconds
+        return step
 
 
 @dataclass
@@ -59,12 +76,21 @@ class _Clock:
     @contextmanager
     def stage(self, name: str, message: str) -> Iterator[None]:
         if self.progress:
-            self.progress(message)
+            self.progress(Step(message, name))
         start = time.perf_counter()
         try:
             yield
         finally:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 4)
+        if self.progress:
+            self.progress(Step(message, name, seconds=time.perf_counter() - start))
+
+    def count(self, name: str, message: str) -> Callable[[int, int], None] | None:
+        """A callback for `done` of `total` work items of the stage running now (None without progress)."""
+        progress = self.progress
+        if progress is None:
+            return None
+        return lambda done, total: progress(Step(message, name, done, total))
 
 
 def resolve_input_size(model: nn.Module, options: Options) -> input_size.InputSize:
@@ -96,31 +122,32 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
     size = resolve_input_size(model, options)
     shapes = size.shapes
     with clock.stage("trace", "tracing and analysing modules"):
-        work = copy.deepcopy(model)
-        dtypes = rewrite.original_dtypes(work)
-        work.double()
-        analysis = rewrite.analyse(work, verify.make_inputs(shapes, torch.float64, options.seed), dtypes)
+        work, dtypes = rewrite.float64_copy(model)
+        analysis = rewrite.analyse(work, verify.make_inputs(shapes, torch.float64, options.seed), dtypes,
+                                   clock.count("trace", "analysing modules"))
     with clock.stage("fuse", "fusing"):
         applied = rewrite.apply(work, analysis, dtypes, verify.model_dtype(model))
-        fused64 = copy.deepcopy(applied.model)
-        rewrite.restore_dtypes(applied.model, dtypes)
-    skipped = rewrite.live_skips(analysis.skipped, applied.sites, applied.model)
-    return FuseResult(applied.model, fused64, applied.sites, skipped, analysis.notes, shapes,
+        analysis.records, analysis.plans = {}, {}  # the recorded activations and graphs: done with
+        fused64 = applied.model
+        deploy = rewrite.cast_copy(fused64, dtypes)
+    skipped = leftovers.live_skips(analysis.skipped, applied.sites, applied.model)
+    skipped += leftovers.norms_left(applied.model, skipped, analysis.notes)
+    return FuseResult(deploy, fused64, applied.sites, skipped, analysis.notes, shapes,
                       clock.timings, size.source, size.guessed)
 
 
 def _summary(original: nn.Module, fused: nn.Module, sites: list[FusionSite],
              shapes: tuple[tuple[int, ...], ...], seed: int) -> Summary:
     inputs = verify.make_inputs(shapes, verify.model_dtype(original), seed)
-    convs_b, norms_b = rewrite.count_layers(original)
-    convs_a, norms_a = rewrite.count_layers(fused)
+    before, after = leftovers.count_kinds(original), leftovers.count_kinds(fused)
     return Summary(
         fusions=len(sites),
         params_before=sum(p.numel() for p in original.parameters()),
         params_after=sum(p.numel() for p in fused.parameters()),
         macs_before=verify.count_macs(original, inputs),
         macs_after=verify.count_macs(fused, inputs),
-        convs_before=convs_b, convs_after=convs_a, norms_before=norms_b, norms_after=norms_a,
+        convs_before=before["convs"], convs_after=after["convs"], linears_before=before["linears"],
+        linears_after=after["linears"], norms_before=before["norms"], norms_after=after["norms"],
     )
 
 

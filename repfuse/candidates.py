@@ -256,11 +256,13 @@ def extend(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node
             step = replace(info, op=info.last_axis, last_axis=None)
         elif e.op.nd != info.op.nd and info.kind in ("scale", "bias"):
             continue  # a constant on the other layout's channel axis (a per-width scale after a conv): opaque
-        size = K.composed_numel(e.op, step.op) if e.op.nd == step.op.nd else 0
-        op, reason = (None, _too_large(size, result)) if size > result.weight_budget else K.compose(e.op, step.op)
+        fits = e.op.nd == step.op.nd and e.op.out_channels == step.op.in_channels
+        size = K.composed_numel(e.op, step.op) if fits else 0
+        too_large = size > result.weight_budget
+        op, reason = (None, None) if too_large else K.compose(e.op, step.op)
         cost = e.cost + step.input_cost() / math.prod(e.op.stride)
         if op is None:
-            if base is not x:
+            if base is not x and not too_large:  # a kernel not worth building is no site that was missed
                 result.skip(site_label(path, node), reason or "not exact")
             continue
         out[base] = L.Expr(op, e.nodes | {node}, e.ops + info.ops, _chain_terms(e.terms, info),

@@ -18,18 +18,15 @@ is printed on stderr before the error lines.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from . import __version__, api
 from . import cli_common as common
@@ -57,11 +54,13 @@ from .cli_common import (
     SeedOpt,
     StaticOpt,
     StrictOpt,
+    ThreadsOpt,
     TrialsOpt,
     TrustOpt,
     VerboseOpt,
 )
 from .cli_output import Ui, UsageErrorGroup
+from .cli_progress import progress_display
 from .types import NotFullyDeployed, Options, QuantStrictFailed, RepfuseError, Report, VerificationFailed
 from .verify import shape_sets
 
@@ -117,25 +116,6 @@ app = typer.Typer(
 
 parse_shape = common.parse_shape
 build_options = common.build_options
-
-
-@contextlib.contextmanager
-def _progress(err: Console, quiet: bool, signals: common.Signals) -> Iterator[api.Progress]:
-    """The api's progress callback: a spinner on stderr (only on a terminal, never with --quiet),
-    and at every stage boundary a check for a signal that a library may have swallowed."""
-    if quiet or not err.is_terminal:
-        def check(message: str) -> None:
-            signals.check()
-
-        yield check
-        return
-    with err.status("repfuse: starting") as status:
-
-        def update(message: str) -> None:
-            signals.check()
-            status.update(f"repfuse: {escape(str(message))}")
-
-        yield update
 
 
 def _run(command: str, *, as_json: bool, quiet: bool, verbose: bool,
@@ -244,6 +224,7 @@ def convert(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Fuse IN, verify the result numerically, and write the deploy artifact OUT.
 
@@ -252,6 +233,7 @@ def convert(
     repfuse[onnx]). .pt2 and .onnx have dynamic batch and spatial sizes where the model allows it."""
 
     def body(signals: common.Signals, ui: Ui) -> int:
+        common.set_threads(threads)
         options = build_options(input_shape, allow, trust, atol, rtol, seed, trials, force, model=model,
                                 model_arg=model_arg, deploy_model=deploy_model, deploy_model_arg=deploy_model_arg,
                                 keymap=keymap, max_inflate=max_inflate, max_modules=max_modules, strict=strict,
@@ -269,7 +251,7 @@ def convert(
         common.check_report_path(report_path, (src,), (dst, *([keymap] if keymap is not None else [])))
 
         code, error = EXIT_OK, None
-        with _progress(ui.err, quiet, signals) as progress:
+        with progress_display(ui.err, quiet, signals) as progress:
             try:
                 report = api.convert_file(src, dst, options, progress)
             except VerificationFailed as e:
@@ -323,6 +305,7 @@ def verify(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Check that fusing IN (or the file OTHER) gives the same outputs as IN. Writes no model.
 
@@ -331,6 +314,7 @@ def verify(
     rebuilt from IN."""
 
     def body(signals: common.Signals, ui: Ui) -> int:
+        common.set_threads(threads)
         options = build_options(input_shape, allow, trust, atol, rtol, seed, trials, model=model,
                                 model_arg=model_arg, deploy_model=deploy_model, deploy_model_arg=deploy_model_arg,
                                 max_inflate=max_inflate, max_modules=max_modules, strict=strict)
@@ -341,7 +325,7 @@ def verify(
             common.existing_file(against, "--against file")
         common.check_report_path(report_path, tuple(p for p in (src, against) if p is not None))
 
-        with _progress(ui.err, quiet, signals) as progress:
+        with progress_display(ui.err, quiet, signals) as progress:
             try:
                 report = api.verify_file(src, options, against, progress)
             except VerificationFailed as e:
@@ -385,18 +369,20 @@ def inspect(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Show which blocks would be fused and why others would not (one line per block; the tree with
     --depth N or --all). Converts and writes nothing."""
 
     def body(signals: common.Signals, ui: Ui) -> int:
+        common.set_threads(threads)
         if depth is not None and depth < 0:
             raise RepfuseError(f"--depth must be >= 0, got {depth}", "for example --depth 2")
         options = build_options(input_shape, allow, trust, model=model, model_arg=model_arg,
                                 max_inflate=max_inflate, max_modules=max_modules)
         common.existing_file(src, "input file")
         common.check_report_path(report_path, (src,))
-        with _progress(ui.err, quiet, signals) as progress:
+        with progress_display(ui.err, quiet, signals) as progress:
             report = replace(api.inspect_file(src, options, progress), strict=strict)
         code, error = _strict_exit(report, strict, "inspect writes nothing")
         ui.result(report, code, error=error, report_path=report_path, depth=depth, all_modules=all_modules)

@@ -307,3 +307,31 @@ def interrupted_in(exc: BaseException) -> bool:
             return True
         e, seen = e.__cause__ or e.__context__, seen + 1
     return False
+
+
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", metavar="N", min=1, show_default=False,
+                 help="CPU threads for torch. Default: OMP_NUM_THREADS if set, else the cores left idle by the "
+                 "machine's load (at least 1, at most torch's own default)."),
+]
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads: `threads`, else OMP_NUM_THREADS's choice, else the idle cores (cores
+    minus the 1-minute load average, at least 1): on a busy machine more threads only contend."""
+    import torch
+
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+        threads = max(1, min(torch.get_num_threads(), cores - int(load + 0.5)))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -32,8 +32,9 @@ _TO = {torch.Tensor.to, torch.Tensor.type, torch.Tensor.type_as}
 class Shadows:
     """tensor → the dtype it has in the model's own precision (weakly keyed by identity)."""
 
-    def __init__(self) -> None:
+    def __init__(self, default: torch.dtype | None = None) -> None:
         self._table: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.default = default  # the model's own floating dtype (what a float64 `dtype=` stands for)
 
     def set(self, t: torch.Tensor, dtype: torch.dtype) -> None:
         self._table[t] = dtype
@@ -84,6 +85,9 @@ class Float64Mode(TorchFunctionMode):
         elif _floating(kwargs.get("dtype")):
             target = kwargs["dtype"]
             kwargs["dtype"] = F64
+            if target is F64 and self.shadows is not None:  # see _cast_args: `dtype=x.dtype` reads float64
+                target = None if any(isinstance(t, torch.Tensor) and t.is_floating_point()
+                                     for t in tree_flatten((args, kwargs))[0]) else self.shadows.default
         flat, _ = tree_flatten((args, kwargs))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         if any(t.is_floating_point() and t.dtype != F64 for t in tensors):
@@ -110,16 +114,18 @@ class Float64Mode(TorchFunctionMode):
         """x.to(dtype) / x.to(other) / x.type(dtype) / x.type_as(other): the floating target becomes float64."""
         target = None
         new_args = list(args)
+        # a float64 dtype object is what `x.dtype` reads under this mode whatever x's own dtype is, so a
+        # cast to it keeps the source's dtype (only .double() or a "torch.DoubleTensor" name is explicit)
         for i, a in enumerate(args[1:], 1):
             if _floating(a):
-                target, new_args[i] = a, F64
+                target, new_args[i] = (None if a is F64 else a), F64
             elif isinstance(a, str) and func is torch.Tensor.type and a in _TYPE_NAMES:
                 target, new_args[i] = _TYPE_NAMES[a], "torch.DoubleTensor"
             elif isinstance(a, torch.Tensor) and func in (torch.Tensor.to, torch.Tensor.type_as):
                 if a.is_floating_point() and self.shadows is not None:
                     target = self.shadows.get(a)
         if _floating(kwargs.get("dtype")):
-            target, kwargs["dtype"] = kwargs["dtype"], F64
+            target, kwargs["dtype"] = (None if kwargs["dtype"] is F64 else kwargs["dtype"]), F64
         other = kwargs.get("other")
         if isinstance(other, torch.Tensor) and other.is_floating_point() and self.shadows is not None:
             target = self.shadows.get(other)

@@ -1,4 +1,4 @@
-"""torch.fx plumbing: record how each module is called, trace it, and replay its graph.
+"""torch.fx plumbing: trace one module with its children as leaves (`recording` records and replays).
 
 Every module is analysed on its own, deepest first, with its children as leaves: a child whose
 whole forward is one affine op (its *summary*) then acts as that op in its parent's graph. So a
@@ -16,86 +16,17 @@ whose trace would lose an effect is reported (`Traced.effect`) and its module is
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 
 from . import effects as E
-from .dtypes import Shadows
+from .recording import CallRecord, Replay, node_values, record_calls, release
 
-# ----------------------------------------------------------------------------------------------
-# Recording calls
-
-
-@dataclass
-class CallRecord:
-    args: tuple[Any, ...]  # copies taken before the call (a forward may change its input in place)
-    kwargs: dict[str, Any]
-    output: Any
-    calls: int = 1
-    mutates: tuple[int, ...] = ()  # positional tensor arguments the call changed in place
-    aliases: bool = False  # the output shares memory with an input (nn.Identity, a view)
-
-
-def _versions(value: Any) -> list[tuple[torch.Tensor, int]]:
-    return [(t, t._version) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
-
-
-def _storages(value: Any) -> set[int]:
-    out = set()
-    for t in tree_flatten(value)[0]:
-        if isinstance(t, torch.Tensor):
-            try:
-                out.add(t.untyped_storage().data_ptr())
-            except RuntimeError:
-                pass
-    return out
-
-
-def record_calls(model: nn.Module, inputs: tuple[Any, ...]) -> dict[int, CallRecord]:
-    """Run `model` once and keep, per module (by id), its first call's inputs and output, whether the
-    call changed an input in place and whether its output aliases an input."""
-    records: dict[int, CallRecord] = {}
-    pending: dict[int, tuple[Any, Any, list[tuple[torch.Tensor, int]], set[int]]] = {}
-    handles = []
-
-    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if id(module) not in records and id(module) not in pending:
-            pending[id(module)] = (_snapshot(args), _snapshot(kwargs), _versions(args), _storages((args, kwargs)))
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        rec = records.get(id(module))
-        if rec is not None:
-            rec.calls += 1
-            return
-        if id(module) not in pending:
-            return
-        a, k, versions, storages = pending.pop(id(module))
-        positional = [i for i, v in enumerate(args) if isinstance(v, torch.Tensor)]
-        changed = {id(t) for t, v in versions if t._version != v}
-        mutates = tuple(i for i in positional if id(args[i]) in changed)
-        records[id(module)] = CallRecord(a, k, _snapshot(output), mutates=mutates,
-                                         aliases=bool(_storages(output) & storages))
-
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handles.append(m.register_forward_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return records
-
-
-def _snapshot(value: Any) -> Any:
-    return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
-
+__all__ = ["CallRecord", "LeafTracer", "Replay", "Traced", "node_values", "record_calls", "release", "trace"]
 
 # ----------------------------------------------------------------------------------------------
 # Tracing
@@ -289,128 +220,3 @@ def _state_derived(graph: fx.Graph) -> set[fx.Node]:
     return state
 
 
-# ----------------------------------------------------------------------------------------------
-# Replaying a graph on the recorded inputs
-
-
-@dataclass
-class Replay:
-    """Every node's value for the recorded call, and what in-place ops did to them.
-
-    values: after the last write; initial: the value a later write changed, as first computed;
-    mutated: nodes whose memory a later op (or a child) changed in place; dtypes: every node's
-    dtype in the model's own precision (see dtypes.Shadows).
-    """
-
-    values: dict[fx.Node, Any] = field(default_factory=dict)
-    initial: dict[fx.Node, Any] = field(default_factory=dict)
-    mutated: set[fx.Node] = field(default_factory=set)
-    dtypes: dict[fx.Node, Any] = field(default_factory=dict)
-
-
-class ValueRecorder(fx.Interpreter):
-    """Runs a traced graph on recorded inputs and keeps every node's value.
-
-    A child called exactly once in the whole forward is not run again: its recorded output is
-    reused, so analysing every level of the tree costs about one forward, not one per level — except
-    a child that changes its input in place or returns (a view of) it, which runs for real so that
-    the replay sees the same memory effects as the forward did.
-    """
-
-    def __init__(self, gm: fx.GraphModule, records: dict[int, CallRecord], shadows: Shadows | None) -> None:
-        super().__init__(gm, garbage_collect_values=False)
-        self.replay = Replay()
-        self.records = records
-        self.shadows = shadows
-        self.storage: dict[fx.Node, int] = {}
-
-    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        module = self.fetch_attr(target)
-        rec = self.records.get(id(module))
-        if rec is not None and rec.calls == 1 and not rec.mutates and not rec.aliases \
-                and getattr(module, "inplace", False) is not True:
-            return _snapshot(rec.output)
-        return super().call_module(target, args, kwargs)
-
-    def run_node(self, n: fx.Node) -> Any:
-        inputs = [i for i in n.all_input_nodes if isinstance(self.env.get(i), torch.Tensor)]
-        before = {i: self.env[i]._version for i in inputs}
-        value = super().run_node(n)
-        r = self.replay
-        r.values[n] = _snapshot(value)
-        if isinstance(value, torch.Tensor):
-            try:
-                self.storage[n] = value.untyped_storage().data_ptr()
-            except RuntimeError:
-                pass
-            if self.shadows is not None:
-                r.dtypes[n] = self.shadows.get(value)
-        written = [i for i in inputs if self.env[i]._version != before[i]]
-        if written:
-            hit = {self.storage[i] for i in written if i in self.storage}
-            sharing = [o for o, ptr in self.storage.items() if ptr in hit and o is not n]
-            if len(written) == 1 and sharing == written and self._private(written[0], n):
-                del self.storage[written[0]]  # superseded by `n`: never read again
-            else:
-                for other in sharing:  # every earlier value sharing the written memory is now stale
-                    if other not in r.mutated:
-                        r.initial[other] = r.values[other]
-                    r.mutated.add(other)
-                    r.values[other] = _snapshot(self.env[other])
-                if isinstance(value, torch.Tensor) and self.storage.get(n) in hit:
-                    r.mutated.add(n)  # the written value itself: opaque as well
-        return value
-
-    def _private(self, target: fx.Node, writer: fx.Node) -> bool:
-        """A write that nobody else can see (``out = a + b; out += c``): `target` is read by `writer`
-        only and is not a value from outside the graph (an input, a tensor of the module, the output of
-        a user module, which might keep it)."""
-        if any(u is not writer for u in target.users) or target.op in ("placeholder", "get_attr"):
-            return False
-        if target.op == "call_module":
-            module = self.fetch_attr(str(target.target))
-            rec = self.records.get(id(module))
-            return rec is not None and not rec.aliases and not rec.mutates
-        return True
-
-
-def node_values(gm: fx.GraphModule, rec: CallRecord, records: dict[int, CallRecord],
-                shadows: Shadows | None = None) -> Replay | None:
-    """The replay of the recorded call (shapes, constants, in-place effects); None if it cannot be replayed."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    # the replay must not change the records (other modules' analyses read them): copy the inputs
-    # when something in the graph writes in place
-    writes = any(E.inplace_target(n) is not None or (n.op == "call_module" and getattr(
-        records.get(id(gm.get_submodule(str(n.target)))), "mutates", ())) for n in gm.graph.nodes)
-    copy = _snapshot if writes else (lambda v: v)
-    args = list(copy(rec.args))
-    for ph in placeholders[len(args):]:
-        if ph.target in rec.kwargs:
-            args.append(copy(rec.kwargs[ph.target]))
-        elif ph.args:
-            args.append(ph.args[0])
-        else:
-            return None
-    interp = ValueRecorder(gm, records, shadows)
-    try:
-        with torch.no_grad():
-            out = interp.run(*args)
-    except Exception:  # an unreplayable graph is simply not analysed
-        return None
-    if not _same_outputs(out, rec.output):  # the trace took another path than eager Python did
-        return None
-    return interp.replay
-
-
-def _same_outputs(a: Any, b: Any) -> bool:
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
-    if sa != sb or len(la) != len(lb):
-        return False
-    for x, y in zip(la, lb):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return False
-        if isinstance(x, torch.Tensor) and (x.shape != y.shape or not torch.allclose(
-                x.double(), y.double(), rtol=1e-9, atol=1e-12, equal_nan=True)):
-            return False
-    return True

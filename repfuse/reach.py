@@ -189,6 +189,7 @@ class _FunctionScan(ast.NodeVisitor):
         self.self_name = self_name
         self.aliases: dict[str, list[str]] = {}  # name → chain of the container it iterates over / indexes
         self.same: dict[str, list[str]] = {}  # name → chain it is bound to (`blk = self.block`)
+        self.dynamic: set[str] = set()  # names bound to `getattr(self, f"norm{i}")`: fine only when called
 
     # uses of `self` ------------------------------------------------------------------------------
 
@@ -201,6 +202,8 @@ class _FunctionScan(ast.NodeVisitor):
             self.s.element_handed_out(self.aliases[node.id])
         elif node.id in self.same:
             self.s.handed_out(self.same[node.id])
+        elif node.id in self.dynamic:  # any attribute of self, used otherwise than called
+            self.s.reach.subtrees.add("")
 
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
@@ -224,8 +227,8 @@ class _FunctionScan(ast.NodeVisitor):
                 for arg in node.args[1:]:
                     self.visit(arg)
                 return
-        elif isinstance(func, ast.Name) and (func.id in self.same or func.id in self.aliases):
-            pass  # calling an alias of a child: fine
+        elif isinstance(func, ast.Name) and func.id in (*self.same, *self.aliases, *self.dynamic):
+            pass  # calling an alias of a child (or of whichever child a dynamic getattr named): fine
         elif (isinstance(func, ast.Call) and isinstance(func.func, ast.Name) and func.func.id == "getattr"
               and func.args and _self_chain(func.args[0], self.self_name) == []):
             if len(func.args) > 1 and isinstance(func.args[1], ast.Constant) and isinstance(func.args[1].value, str):
@@ -253,7 +256,9 @@ class _FunctionScan(ast.NodeVisitor):
             self.s.attribute_chain(chain, called=False)
             return
         if isinstance(node.value, ast.Name):  # alias.attr
-            if node.value.id in self.aliases:
+            if node.value.id in self.dynamic:
+                self.s.reach.subtrees.add("")
+            elif node.value.id in self.aliases:
                 self.s.elements_read(self.aliases[node.value.id], node.attr)
             elif node.value.id in self.same:
                 self.s.attribute_chain([*self.same[node.value.id], node.attr], called=False)
@@ -349,6 +354,14 @@ class _FunctionScan(ast.NodeVisitor):
         return []
 
     def visit_Assign(self, node: ast.Assign) -> None:
+        value = node.value
+        if (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "getattr"
+                and len(value.args) == 2 and _self_chain(value.args[0], self.self_name) == []
+                and not isinstance(value.args[1], ast.Constant) and all(isinstance(t, ast.Name) for t in node.targets)):
+            # norm = getattr(self, f"norm{i}"): some attribute of self, which is fine while it is only called
+            self.dynamic.update(t.id for t in node.targets)
+            self.visit(value.args[1])
+            return
         chain = _self_chain(node.value, self.self_name)
         if chain is not None and self.s.child_path(chain) and all(isinstance(t, ast.Name) for t in node.targets):
             for t in node.targets:

@@ -15,7 +15,7 @@ it changed the original's.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -253,12 +253,7 @@ def summarise(plan: ModulePlan, cands: Cands, ctx: Context, rec: CallRecord) -> 
     if expr is not None and not expr.partial and compute <= expr.nodes and not (expr.nodes & ctx.replay.mutated):
         dtype, problem = common_dtype(expr.nodes | {x}, ctx.replay)
         error, problem = self_check(expr, ctx.values.get(x), ctx.values.get(y)) if problem is None else (0.0, problem)
-        if problem is None:
-            if adds_layer(expr):
-                # no conv or linear inside (a scale module, a norm's affine step): it costs nothing as a
-                # layer of its own, so it is written only where a parent folds it into one (the collapse
-                # in place would ADD a conv, `rewrite.apply`; choose_regions has said why, at its output)
-                expr = replace(expr, cost=0.0)
+        if problem is None:  # (a summary that folds no conv or linear is never collapsed in place: rewrite.apply)
             plan.summary, plan.summary_error, plan.summary_dtype = expr, error, dtype
             return
     plan.prefix = find_prefix(plan, cands, x, ctx)

@@ -102,6 +102,9 @@ def total_rows(s: Summary, *, fusions: bool = False) -> list[tuple[str, str, str
     if s.convs_before or s.convs_after:
         rows.append(("conv modules", str(s.convs_before), str(s.convs_after),
                      fmt_change(s.convs_before, s.convs_after)))
+    if s.linears_before or s.linears_after:
+        rows.append(("linear modules", str(s.linears_before), str(s.linears_after),
+                     fmt_change(s.linears_before, s.linears_after)))
     if s.norms_before or s.norms_after:
         rows.append(("norm modules", str(s.norms_before), str(s.norms_after),
                      fmt_change(s.norms_before, s.norms_after)))

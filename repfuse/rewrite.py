@@ -14,6 +14,7 @@ rewritten graph still reads (`self.branch.conv(x)` in a GraphBlock). A node with
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,8 @@ from .analysis import COST_SLACK, Analysis, DtypeMap, ModulePlan, Region, analys
 from .kernels import ConvOp
 from .modules import SHADOWABLE, GraphBlock, UnsupportedProgram, carried, graph_to_program
 from .reach import reached
-from .types import FusionSite, SkippedSite
+from .regions import adds_layer
+from .types import FusionSite
 
 __all__ = ["Applied", "DtypeMap", "analyse", "apply", "count_layers", "materialise", "original_dtypes",
            "restore_dtypes"]
@@ -70,7 +72,7 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
         if plan is not None and plan.gm is not None:  # what its graph reads inside its children stays
             frozen.graph_reads(path, plan.gm.graph)
         if (not stays and plan is not None and plan.summary is not None and plan.summary.ops >= 2
-                and L.op_cost(plan.summary.op) <= plan.summary.cost * COST_SLACK
+                and L.op_cost(plan.summary.op) <= plan.summary.cost * COST_SLACK and adds_layer(plan.summary) is None
                 and all(p >= 0 for p in plan.summary.op.padding)):
             dtype, device = _dtype_of([m], dtypes, default)
             layer = materialise(plan.summary.op, (plan.summary_dtype or dtype, device), dtypes)
@@ -354,6 +356,40 @@ def _delete_module(root: nn.Module, target: str) -> None:
             break
 
 
+def float64_copy(model: nn.Module) -> tuple[nn.Module, DtypeMap]:
+    """A deep copy of `model` whose floating parameters and buffers are float64 (what
+    ``deepcopy(model).double()`` gives, without the intermediate copy in the model's own dtype), and the
+    dtype every tensor of the copy had before (see `original_dtypes`)."""
+    memo: dict[int, Any] = {}
+    for m in model.modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None and p.is_floating_point() and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(p.detach().double(), requires_grad=p.requires_grad)
+        for b in m._buffers.values():
+            if b is not None and b.is_floating_point() and id(b) not in memo:
+                memo[id(b)] = b.double()
+    work = copy.deepcopy(model, memo)
+    dtypes = {(id(w), name): t.dtype
+              for o, w in zip(model.modules(remove_duplicate=False), work.modules(remove_duplicate=False))
+              for store in (o._parameters, o._buffers) for name, t in store.items() if t is not None}
+    return work, dtypes
+
+
+def cast_copy(model: nn.Module, dtypes: DtypeMap) -> nn.Module:
+    """A deep copy of the float64 `model` with every tensor back in the dtype it had before the float64
+    working copy (`dtypes`); `model` itself stays float64 (the twin the exactness check runs)."""
+    memo: dict[int, Any] = {}
+    for m in model.modules(remove_duplicate=False):
+        for store in (m._parameters, m._buffers):
+            for name, t in store.items():
+                dtype = dtypes.get((id(m), name))
+                if t is None or dtype is None or t.dtype == dtype or id(t) in memo:
+                    continue
+                cast = t.detach().to(dtype)
+                memo[id(t)] = nn.Parameter(cast, requires_grad=t.requires_grad) if store is m._parameters else cast
+    return copy.deepcopy(model, memo)
+
+
 def restore_dtypes(model: nn.Module, dtypes: DtypeMap) -> None:
     """Cast every surviving tensor back to the dtype it had before the float64 working copy."""
     for m in model.modules(remove_duplicate=False):
@@ -374,18 +410,3 @@ def count_layers(model: nn.Module) -> tuple[int, int]:
     return convs, norms
 
 
-
-def live_skips(skipped: list[SkippedSite], sites: list[FusionSite], deployed: nn.Module) -> list[SkippedSite]:
-    """The skipped places that are still there: an entry recorded inside a module that a fused site folded
-    in whole after all (DBB's avg-pool branch, too costly alone, fused with the block) is dropped."""
-    if any(s.module == "<root>" for s in sites):
-        return []  # the whole model is one layer
-    whole = tuple(f"{s.module}." for s in sites if any(b.startswith(f"{s.module}.") for b in s.branches))
-    folded = {b for s in sites for b in s.branches}
-    alive = {p for p, _ in deployed.named_modules()}
-
-    def stale(path: str) -> bool:
-        owner = path.rpartition(".")[0]
-        return path.startswith(whole) or (bool(owner) and owner not in alive and any(
-            b == owner or b.startswith(f"{owner}.") for b in folded))
-    return [s for s in skipped if not stale(s.module)]

@@ -61,10 +61,12 @@ class Summary:
     params_after: int
     macs_before: int | None
     macs_after: int | None
-    convs_before: int = 0
+    convs_before: int = 0  # ConvNd modules
     convs_after: int = 0
-    norms_before: int = 0
+    norms_before: int = 0  # BatchNorm / InstanceNorm modules (those that may hold running statistics)
     norms_after: int = 0
+    linears_before: int = 0  # Linear modules
+    linears_after: int = 0
 
 
 @dataclass(frozen=True)

@@ -182,3 +182,135 @@ def test_a_branch_on_an_input_value_still_stops_the_trace() -> None:
 
     res = fuse_checked(nn.Sequential(InputBranch(), nn.Flatten()), (2, 4, 8, 8), convs=None, norms=None)
     assert "0" in res.notes and "trace" in res.notes["0"], res.notes
+
+
+# ------------------------------------------------------------------------------------------------
+# What is left says why; the summary counts convs, linears and norms apart
+
+
+class NormAfterPool(nn.Module):
+    """A BN between a max-pool and an activation, and one inside an attention-like product: no conv or
+    linear it can fold into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.bn = nn.BatchNorm2d(8)
+        self.mix = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        self.gate_bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.pool(F.relu(self.conv(x)))))
+        y = torch.sigmoid(self.gate_bn(y * y)) * self.mix(y)
+        return self.head(y.mean((2, 3)))
+
+
+def test_every_norm_left_has_a_skipped_entry_and_counts_are_apart() -> None:
+    from repfuse import api
+
+    model = NormAfterPool()
+    res = fuse_checked(model, (2, 3, 12, 12), convs=2, norms=2, linears=1)
+    reasons = {s.module: s.reason for s in res.skipped}
+    assert "bn" in reasons and "gate_bn" in reasons, reasons
+    assert all("BatchNorm2d left" in reasons[k] for k in ("bn", "gate_bn")), reasons
+    report = api._summary(model, res.model, res.sites, res.input_shapes, 0)
+    assert (report.convs_before, report.convs_after) == (2, 2)
+    assert (report.linears_before, report.linears_after) == (1, 1)
+    assert (report.norms_before, report.norms_after) == (3, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ways real projects write the code around their blocks
+
+
+class RepBlockDropPath(nn.Module):
+    """timm's RepVggBlock: the identity BN computed first, the conv sum through a drop-path (nn.Identity
+    at inference), then added in place."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.identity = nn.BatchNorm2d(c)
+        self.conv_kxk = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.conv_1x1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.drop_path = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.identity(x)
+        x = self.conv_1x1(x) + self.conv_kxk(x)
+        x = self.drop_path(x)
+        x += identity
+        return self.act(x)
+
+
+class Staged(nn.Module):
+    """A parent that looks its norms up by name (`getattr(self, f"norm{i}")`) and only calls them."""
+
+    def __init__(self, c: int, with_norms: bool) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList([RepBlockDropPath(c), RepBlockDropPath(c)])
+        self.with_norms = with_norms
+        for i in range(2):
+            self.add_module(f"norm{i}", nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(x).all()):  # data-dependent: this forward stays Python (not traced)
+            raise ValueError("non-finite input")
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if self.with_norms:
+                norm = getattr(self, f"norm{i}")
+                outs.append(norm(x))
+        return torch.cat(outs, 1) if outs else x
+
+
+def test_in_place_add_through_an_identity_module_fuses() -> None:
+    res = fuse_checked(nn.Sequential(RepBlockDropPath(8), RepBlockDropPath(8)), (2, 8, 9, 9), convs=2, norms=0,
+                       dtype=torch.float64)
+    assert res.skipped == []
+
+
+@pytest.mark.parametrize("with_norms", [False, True])
+def test_children_named_by_a_dynamic_getattr_and_only_called_still_fuse(with_norms: bool) -> None:
+    res = fuse_checked(Staged(8, with_norms), (2, 8, 9, 9), convs=2, norms=2, dtype=torch.float64)
+    assert len(res.sites) == 2 and "" in res.notes  # the root was not traced: its Python runs as it is
+
+
+def test_a_dynamic_getattr_whose_result_is_read_freezes_the_model() -> None:
+    class Reads(Staged):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("non-finite input")
+            for i, stage in enumerate(self.stages):
+                x = stage(x)
+                norm = getattr(self, f"norm{i}")
+                x = x * norm.weight.view(1, -1, 1, 1)
+            return x
+
+    res = fuse_checked(Reads(8, True), (2, 8, 9, 9), convs=4, norms=None, dtype=torch.float64)
+    assert res.sites == []
+
+
+class PositionalCast(nn.Module):
+    """A constant cast to the activation's dtype (`.to(dtype=x.dtype)`), then conv + BN: the fused layer
+    keeps the model's float32 (under float64 analysis `x.dtype` reads float64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.pos = torch.linspace(0, 1, 8)  # a plain tensor attribute (not a buffer), as position tables often are
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.pos.to(device=x.device, dtype=x.dtype)
+        return self.bn(self.conv(x + pos))
+
+
+def test_casts_to_the_activation_dtype_keep_the_model_dtype() -> None:
+    res = fuse_checked(PositionalCast(), (2, 4, 8, 8), convs=1, norms=0)
+    assert {p.dtype for p in res.model.parameters()} == {torch.float32}
+    with torch.no_grad():
+        res.model(torch.randn(1, 4, 8, 8))

@@ -104,7 +104,7 @@ def test_to_dict_summary_has_all_fields() -> None:
     s = rpt.to_dict(make_report())["summary"]
     assert s == {"fusions": 2, "params_before": 1_000_000, "params_after": 900_000,
                  "macs_before": 2_000_000_000, "macs_after": 1_500_000_000, "convs_before": 10,
-                 "convs_after": 4, "norms_before": 9, "norms_after": 1}
+                 "convs_after": 4, "norms_before": 9, "norms_after": 1, "linears_before": 0, "linears_after": 0}
 
 
 def test_to_dict_verification_passed() -> None:
