@@ -1088,3 +1088,25 @@ def test_compose_with_a_pointwise_side_keeps_groups_exact(seed):
         assert fused.weight.numel() == composed_numel(a, b)
         x = rnd(g, 2, c0, 13, 11)
         assert_close(apply(fused, x), apply(b, apply(a, x)))
+
+
+@pytest.mark.parametrize("groups", [1, 4, 64])
+def test_a_sampled_self_check_still_catches_a_wrong_kernel(groups):
+    """The self-check computes a sample of a wide layer's output channels (whole groups when grouped): an
+    error in the window, the bias or a sampled channel is caught; a correct op passes."""
+    from repfuse import lowering as L
+    from repfuse import regions as R
+
+    g = gen(7)
+    c = 64
+    op = make_conv(g, c, c, (3, 3), p=(1, 1), groups=groups)
+    x = rnd(g, 2, c, 9, 9)
+    y = apply(op, x)
+    expr = L.Expr(op, frozenset(), 2, ("3×3",), 0, 0, (), 1.0)
+    assert R.self_check(expr, x, y)[1] is None
+    shifted = replace(op, padding=(0, 1), weight=torch.cat([op.weight[:, :, 1:], op.weight[:, :, :1]], 2))
+    bad_bias = replace(op, bias=op.bias + 1e-3)
+    bad_channel = replace(op, weight=op.weight.clone())
+    bad_channel.weight[0] += 1e-3  # channel 0 (group 0) is always in the sample
+    for wrong in (shifted, bad_bias, bad_channel):
+        assert R.self_check(replace(expr, op=wrong), x, y)[1] is not None
