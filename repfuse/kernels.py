@@ -77,7 +77,9 @@ class ConvOp:
 
 
 def _t(x: torch.Tensor | None, n: int) -> torch.Tensor:
-    return torch.zeros(n, dtype=DT) if x is None else x.detach().to(device="cpu", dtype=DT).clone()
+    """`x` as a float64 CPU tensor. A float64 CPU `x` (the analysis's working copy) is shared, not copied: ops
+    are never changed in place, and a module whose forward changes its own tensors is never lowered."""
+    return torch.zeros(n, dtype=DT) if x is None else x.detach().to(device="cpu", dtype=DT)
 
 
 def conv_op(
