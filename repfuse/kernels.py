@@ -253,7 +253,8 @@ def parallel_sum(ops: list[ConvOp]) -> tuple[ConvOp | None, str | None]:
     bias = torch.zeros(first.out_channels, dtype=DT)
     for op in ops:
         offset = tuple((big_p[a] - op.padding[a]) // dil[a] for a in range(nd))
-        weight += embed_kernel(op.weight, size, offset)
+        window = (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offset, op.kernel_size)))
+        weight[window] += op.weight  # embed_kernel, without a zero kernel per branch
         bias += op.bias
     return ConvOp(weight, bias, first.stride, big_p, dil, groups, mode), None
 
@@ -278,6 +279,10 @@ def compose(a: ConvOp, b: ConvOp) -> tuple[ConvOp | None, str | None]:
         return None, "ops have different dimensionality"
     if a.out_channels != b.in_channels:
         return None, f"channel mismatch ({a.out_channels} → {b.in_channels})"
+    if _is_identity(b):  # nn.Identity, a dropout in eval: nothing to build
+        return a, None
+    if _is_identity(a):
+        return b, None
     if b.is_diagonal:
         s = b.weight.reshape(-1)
         w = a.weight * s.reshape(-1, *([1] * (a.weight.dim() - 1)))
@@ -357,6 +362,11 @@ def compose(a: ConvOp, b: ConvOp) -> tuple[ConvOp | None, str | None]:
                                                                                *out.shape[2:])
     bias = b.bias + _apply_weight_to_vector(b, a.bias)
     return ConvOp(weight, bias, stride, padding, tuple(dil), groups, mode), None
+
+
+def _is_identity(op: ConvOp) -> bool:
+    return op.is_diagonal and op.padding_mode == "zeros" and bool(torch.all(op.weight == 1)) and not bool(
+        torch.any(op.bias))
 
 
 def _is_window_free(op: ConvOp) -> bool:
