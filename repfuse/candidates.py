@@ -194,8 +194,10 @@ def unary_info(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], constants:
         if node.args != (x,) or node.kwargs:
             return None
         info = result.leaves.get(id(child))
-        if info is None:
-            return None
+        if info is None or info.op is None:
+            return info
+        if shape is not None and len(shape) >= 2 and info.op.in_channels != shape[1 if info.op.nd else -1]:
+            return None  # a child called again on other channels (one Dropout after fc1 and fc2): not this op
         return info
     if shape is None or len(shape) < 2:
         return None

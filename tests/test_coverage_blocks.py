@@ -314,3 +314,25 @@ def test_casts_to_the_activation_dtype_keep_the_model_dtype() -> None:
     assert {p.dtype for p in res.model.parameters()} == {torch.float32}
     with torch.no_grad():
         res.model(torch.randn(1, 4, 8, 8))
+
+
+class SharedDropMlp(nn.Module):
+    """timm's ConvMlp: one Dropout module called after fc1 (4C channels) and after fc2 (C channels)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, 4 * c, 1)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Conv2d(4 * c, c, 1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.act(self.fc1(x)))
+        return self.bn(self.drop(self.fc2(x)))
+
+
+def test_a_child_called_again_on_other_channels_is_not_a_channel_mismatch() -> None:
+    res = fuse_checked(nn.Sequential(SharedDropMlp(8), nn.Flatten()), (2, 8, 5, 5), convs=2, norms=None,
+                       dtype=torch.float64)
+    assert not any("channel mismatch" in s.reason for s in res.skipped), res.skipped
