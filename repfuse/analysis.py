@@ -65,7 +65,7 @@ def analyse(root: nn.Module, inputs: tuple[Any, ...], dtypes: DtypeMap | None = 
     """Record one forward of `root` (a float64 copy, in eval) and analyse every called module.
 
     `dtypes` gives each parameter's and buffer's dtype before the float64 copy was made (see
-    rewrite.original_dtypes); the inputs count as the first floating dtype among them. `progress`
+    rewrite.float64_copy); the inputs count as the first floating dtype among them. `progress`
     receives (modules analysed, modules to analyse) as the work goes."""
     shadows = _shadows(root, inputs, dtypes)
     mode = Float64Mode(shadows)

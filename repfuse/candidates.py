@@ -20,7 +20,6 @@ import torch.fx as fx
 from . import effects as E
 from . import kernels as K
 from . import lowering as L
-from .kernels import ConvOp
 from .regions import site_label
 
 if TYPE_CHECKING:
@@ -83,14 +82,10 @@ def through_layout(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any],
         return {}
     out = {}
     for base, e in base_cands.items():
-        e = _in_layout(e, 0, values.get(base)) if _is_identity(e.op) else e
+        e = _in_layout(e, 0, values.get(base)) if e.op.is_identity else e
         if e is not None and e.op.nd == 0 and not e.partial:
             out[base] = replace(e, nodes=e.nodes | {node})
     return out
-
-
-def _is_identity(op: ConvOp) -> bool:
-    return op.is_diagonal and bool(torch.all(op.weight == 1)) and not bool(torch.any(op.bias))
 
 
 def _in_layout(e: L.Expr, nd: int, value: Any) -> L.Expr | None:
@@ -157,8 +152,8 @@ def _sum_terms(node: fx.Node, terms: list[tuple[fx.Node, float]], extra: frozens
         exprs = [c[base] for c in per_term]
         if any(e.partial for e in exprs):
             continue
-        layout = next((e.op.nd for e in exprs if not _is_identity(e.op)), exprs[0].op.nd)
-        exprs = [_in_layout(e, layout, values.get(base)) if _is_identity(e.op) else e for e in exprs]
+        layout = next((e.op.nd for e in exprs if not e.op.is_identity), exprs[0].op.nd)
+        exprs = [_in_layout(e, layout, values.get(base)) if e.op.is_identity else e for e in exprs]
         if any(e is None for e in exprs):
             continue
         op, reason = K.parallel_sum([K.scale_op(e.op, k) if k != 1 else e.op for e, (_, k) in zip(exprs, terms)])
@@ -250,7 +245,7 @@ def extend(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node
         if e.partial or (info.partial and base is x):  # base x alone: the child's own business
             continue
         step = info
-        if _is_identity(e.op):  # an identity takes the layout of the op applied to it
+        if e.op.is_identity:  # an identity takes the layout of the op applied to it
             e = _in_layout(e, info.op.nd, values.get(base))
             if e is None:
                 continue

@@ -49,9 +49,10 @@ class _AssignableProxy(fx.Proxy):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __getattr__(self, k: str) -> Any:
-        value = getattr(self.tracer, "known", {}).get(self.node, _UNKNOWN)
-        if k in _SHAPE_ATTRS and isinstance(value, torch.Tensor):
-            return getattr(value, k)
+        if k in _SHAPE_ATTRS:
+            value = getattr(self.tracer, "known", {}).get(self.node, _UNKNOWN)
+            if isinstance(value, torch.Tensor):
+                return getattr(value, k)
         return super().__getattr__(k)
 
     def _known(self, what: str) -> Any:
@@ -134,11 +135,14 @@ class LeafTracer(fx.Tracer):
                 return _UNKNOWN
         if node.op not in ("call_function", "call_method") or not node.all_input_nodes or E.is_impure(node):
             return _UNKNOWN
-        for i in node.all_input_nodes:  # tensor constants become get_attr nodes without a proxy
-            if i not in self.known and i.op == "get_attr" and self._evaluate(i) is not _UNKNOWN:
-                self.known[i] = self._evaluate(i)
-        if any(i not in self.known for i in node.all_input_nodes):
-            return _UNKNOWN
+        for i in node.all_input_nodes:
+            if i not in self.known and i.op == "get_attr":  # a tensor constant: a get_attr node without a proxy
+                value = self._evaluate(i)
+                if value is _UNKNOWN:
+                    return _UNKNOWN
+                self.known[i] = value
+            elif i not in self.known:
+                return _UNKNOWN
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: self.known[n])
         try:
             with torch.no_grad():

@@ -64,6 +64,11 @@ class ConvOp:
         )
 
     @property
+    def is_identity(self) -> bool:
+        """y = x: diagonal with unit weights and no bias (nn.Identity, a dropout in eval)."""
+        return self.is_diagonal and bool(torch.all(self.weight == 1)) and not bool(torch.any(self.bias))
+
+    @property
     def is_diagonal(self) -> bool:
         """A per-channel affine map (BN, scale, identity): pointwise and depthwise with C_in == C_out."""
         return self.is_pointwise and self.groups == self.out_channels == self.in_channels
@@ -279,9 +284,9 @@ def compose(a: ConvOp, b: ConvOp) -> tuple[ConvOp | None, str | None]:
         return None, "ops have different dimensionality"
     if a.out_channels != b.in_channels:
         return None, f"channel mismatch ({a.out_channels} → {b.in_channels})"
-    if _is_identity(b):  # nn.Identity, a dropout in eval: nothing to build
+    if b.is_identity:  # nn.Identity, a dropout in eval: nothing to build
         return a, None
-    if _is_identity(a):
+    if a.is_identity:
         return b, None
     if b.is_diagonal:
         s = b.weight.reshape(-1)
@@ -362,11 +367,6 @@ def compose(a: ConvOp, b: ConvOp) -> tuple[ConvOp | None, str | None]:
                                                                                *out.shape[2:])
     bias = b.bias + _apply_weight_to_vector(b, a.bias)
     return ConvOp(weight, bias, stride, padding, tuple(dil), groups, mode), None
-
-
-def _is_identity(op: ConvOp) -> bool:
-    return op.is_diagonal and op.padding_mode == "zeros" and bool(torch.all(op.weight == 1)) and not bool(
-        torch.any(op.bias))
 
 
 def _is_window_free(op: ConvOp) -> bool:

@@ -42,8 +42,8 @@ def norms_left(deployed: nn.Module, skipped: list[SkippedSite], notes: dict[str,
     for path, m in deployed.named_modules():
         if not isinstance(m, NORMS) or getattr(m, "running_mean", None) is None:
             continue
-        around = [p for p in (path.split(".")[:i] for i in range(len(path.split(".")), 0, -1))]
-        owners = {".".join(p) for p in around}
+        parts = path.split(".")
+        owners = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}  # the norm and every module around it
         if named & owners or "<root>" in named:
             continue
         opaque = next((o for o in sorted(owners | {""}, key=len, reverse=True) if o in notes), None)

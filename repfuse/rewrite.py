@@ -27,13 +27,13 @@ from . import kernels as K
 from . import lowering as L
 from .analysis import COST_SLACK, Analysis, DtypeMap, ModulePlan, Region, analyse, site_label
 from .kernels import ConvOp
+from .leftovers import count_kinds
 from .modules import SHADOWABLE, GraphBlock, UnsupportedProgram, carried, graph_to_program
 from .reach import reached
 from .regions import adds_layer
 from .types import FusionSite
 
-__all__ = ["Applied", "DtypeMap", "analyse", "apply", "count_layers", "materialise", "original_dtypes",
-           "restore_dtypes"]
+__all__ = ["Applied", "DtypeMap", "analyse", "apply", "cast_copy", "count_layers", "float64_copy", "materialise"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,13 +44,6 @@ __all__ = ["Applied", "DtypeMap", "analyse", "apply", "count_layers", "materiali
 class Applied:
     model: nn.Module
     sites: list[FusionSite]
-
-
-def original_dtypes(model: nn.Module) -> DtypeMap:
-    """Every parameter's and buffer's dtype, keyed by owner module and name (ids of tensors do not
-    survive `.double()`, which replaces buffers)."""
-    return {(id(m), name): t.dtype for m in model.modules(remove_duplicate=False)
-            for store in (m._parameters, m._buffers) for name, t in store.items() if t is not None}
 
 
 def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.dtype) -> Applied:
@@ -174,7 +167,7 @@ def _count_params(m: nn.Module) -> int:
 
 def materialise(op: ConvOp, dtype_device: tuple[torch.dtype, torch.device], dtypes: DtypeMap) -> nn.Module:
     """A ConvOp as a fresh nn.ConvNd (or nn.Linear) in float64; `dtypes` learns the dtype each new
-    tensor is cast to at the very end (by `restore_dtypes`)."""
+    tensor is cast to at the very end (by `cast_copy`)."""
     target, device = dtype_device
     dtype = torch.float64
     has_bias = bool(torch.any(op.bias != 0))
@@ -359,7 +352,8 @@ def _delete_module(root: nn.Module, target: str) -> None:
 def float64_copy(model: nn.Module) -> tuple[nn.Module, DtypeMap]:
     """A deep copy of `model` whose floating parameters and buffers are float64 (what
     ``deepcopy(model).double()`` gives, without the intermediate copy in the model's own dtype), and the
-    dtype every tensor of the copy had before (see `original_dtypes`)."""
+    dtype every tensor of the copy had before, keyed by its owner module in the copy and its name (ids of
+    tensors do not survive the rewrite, which replaces modules)."""
     memo: dict[int, Any] = {}
     for m in model.modules(remove_duplicate=False):
         for p in m._parameters.values():
@@ -390,23 +384,9 @@ def cast_copy(model: nn.Module, dtypes: DtypeMap) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def restore_dtypes(model: nn.Module, dtypes: DtypeMap) -> None:
-    """Cast every surviving tensor back to the dtype it had before the float64 working copy."""
-    for m in model.modules(remove_duplicate=False):
-        for name, p in m._parameters.items():
-            dtype = dtypes.get((id(m), name))
-            if p is not None and dtype is not None and p.dtype != dtype:
-                p.data = p.data.to(dtype)
-        for name, b in m._buffers.items():
-            dtype = dtypes.get((id(m), name))
-            if b is not None and dtype is not None and b.dtype != dtype:
-                m._buffers[name] = b.to(dtype)
-
-
 def count_layers(model: nn.Module) -> tuple[int, int]:
-    """(conv/linear layers, normalisation layers) in a model."""
-    convs = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules())
-    norms = sum(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
-    return convs, norms
+    """(conv and linear layers, normalisation layers) in a model (see leftovers.count_kinds)."""
+    kinds = count_kinds(model)
+    return kinds["convs"] + kinds["linears"], kinds["norms"]
 
 

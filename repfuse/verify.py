@@ -235,8 +235,7 @@ def compare(original: nn.Module, fused: nn.Module, shapes: Sequence[tuple[int, .
     others = extra_shapes(original, shapes, seed)[0] if extra is None else [tuple(map(tuple, e)) for e in extra]
     # float64 runs use the models as they are, under Float64Mode (which upcasts every weight as it is used,
     # exactly): no float64 copy of either model is held; `outputs` leaves each model as it was
-    o64 = original
-    f64 = fused64 if fused64 is not None else fused
+    twin = fused64 if fused64 is not None else fused
     exact_abs = exact_rel = max_abs = max_rel = 0.0
     passed, message = True, ""
     runs = [(shapes, seed + t) for t in range(trials)] + [(s, seed + trials + i) for i, s in enumerate(others)]
@@ -247,11 +246,11 @@ def compare(original: nn.Module, fused: nn.Module, shapes: Sequence[tuple[int, .
         ref64 = None  # the original in float64: for exactness, and for the fallback of the dtype check
 
         def reference(x64: tuple[torch.Tensor, ...] = x64, trial_seed: int = trial_seed) -> list[torch.Tensor]:
-            return flat_outputs(outputs(o64, x64, float64=True, seed=trial_seed))
+            return flat_outputs(outputs(original, x64, float64=True, seed=trial_seed))
 
         if trial_seed == seed or shape_set != shapes:  # exactness is maths: one input per shape set decides it
             ref64 = reference()
-            e_abs, _, e_rel = _errors(flat_outputs(outputs(f64, x64, float64=True, seed=trial_seed)), ref64)
+            e_abs, _, e_rel = _errors(flat_outputs(outputs(twin, x64, float64=True, seed=trial_seed)), ref64)
         exact_abs, exact_rel = max(exact_abs, e_abs), max(exact_rel, e_rel)
         # the deploy model itself, in its own dtype (for a float64 model too: fused64 is a copy)
         xd = tuple(x.to(dtype) for x in x64)

@@ -7,31 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models_zoo import fuse_checked
+from test_engine import BNAndPadLayer  # DBB's BN, then a pad ring filled with the BN's shift
 from torch import nn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class PadWithShift(nn.Module):
-    """BN, then a zero pad whose ring is overwritten with the BN's shift (as DBB writes it)."""
-
-    def __init__(self, pad: int, channels: int) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm2d(channels)
-        self.pad = pad
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn(x)
-        if self.pad > 0:
-            shift = self.bn.bias.detach() - self.bn.running_mean * self.bn.weight.detach() / torch.sqrt(
-                self.bn.running_var + self.bn.eps)
-            y = F.pad(y, [self.pad] * 4)
-            shift = shift.view(1, -1, 1, 1)
-            y[:, :, 0:self.pad, :] = shift
-            y[:, :, -self.pad:, :] = shift
-            y[:, :, :, 0:self.pad] = shift
-            y[:, :, :, -self.pad:] = shift
-        return y
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int, pad: int, groups: int) -> nn.Sequential:
@@ -56,7 +35,7 @@ class DiverseBranch(nn.Module):
         self.dbb_avg = nn.Sequential()
         if groups < cout:
             self.dbb_avg.add_module("conv", nn.Conv2d(cin, cout, 1, 1, 0, groups=groups, bias=False))
-            self.dbb_avg.add_module("bn", PadWithShift(p, cout))
+            self.dbb_avg.add_module("bn", BNAndPadLayer(p, cout))
             self.dbb_avg.add_module("avg", nn.AvgPool2d(k, stride, 0))
         else:
             self.dbb_avg.add_module("avg", nn.AvgPool2d(k, stride, p))
@@ -64,7 +43,7 @@ class DiverseBranch(nn.Module):
         mid = cin if groups < cout else 2 * cin
         self.dbb_1x1_kxk = nn.Sequential()
         self.dbb_1x1_kxk.add_module("conv1", nn.Conv2d(cin, mid, 1, 1, 0, groups=groups, bias=False))
-        self.dbb_1x1_kxk.add_module("bn1", PadWithShift(p, mid))
+        self.dbb_1x1_kxk.add_module("bn1", BNAndPadLayer(p, mid))
         self.dbb_1x1_kxk.add_module("conv2", nn.Conv2d(mid, cout, k, stride, 0, groups=groups, bias=False))
         self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(cout))
         self.nonlinear = nn.ReLU()
