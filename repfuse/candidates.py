@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from . import effects as E
 from . import kernels as K
+from . import layouts as Y
 from . import lowering as L
 from .regions import site_label
 
@@ -55,7 +56,7 @@ def filled_pad(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], base_cands
     nd = info.op.nd
     out: dict[fx.Node, L.Expr] = {}
     for base, e in base_cands.items():
-        if e.partial or base is x:
+        if e.partial or base is x or Y.has_layout(e):
             continue
         shifted, _ = K.compose(e.op, K.channel_affine(torch.ones_like(fill), -fill, nd))
         tiny = shifted.bias.abs() <= 1e-12 * torch.maximum(fill.abs(), e.op.bias.abs()).clamp_min(1e-300)
@@ -72,20 +73,31 @@ def filled_pad(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], base_cands
 
 def through_layout(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any],
                     base_cands: dict[fx.Node, L.Expr]) -> dict[fx.Node, L.Expr]:
-    """A reshape that keeps the last axis whole passes the last-axis (nd == 0) expressions through."""
+    """A reshape that keeps the last axis whole passes the last-axis (nd == 0) expressions through (and
+    goes with them); any other layout step a value goes through (`layouts`: a flatten that keeps the
+    layer's channel axis whole) stays in the graph, recorded on the expression."""
     a, b = values.get(x), values.get(node)
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() < 2 or b.dim() < 2:
         return {}
     if not L.layout_is_generic(node):  # a literal size: the same reshape only at the recorded size
         return {}
-    if a.shape[-1] != b.shape[-1] or a.numel() != b.numel():
-        return {}
+    keeps_last = a.shape[-1] == b.shape[-1] and a.numel() == b.numel()
+    step = Y.step_of(node, x, values, {})
     out = {}
     for base, e in base_cands.items():
-        e = _in_layout(e, 0, values.get(base)) if e.op.is_identity else e
-        if e is not None and e.op.nd == 0 and not e.partial:
-            out[base] = replace(e, nodes=e.nodes | {node})
+        plain = _in_layout(e, 0, _start(e, base, values)) if e.op.is_identity else e
+        if keeps_last and plain is not None and plain.op.nd == 0 and not plain.partial and not Y.has_layout(e):
+            out[base] = replace(plain, nodes=plain.nodes | {node})
+        elif step is not None:
+            moved = Y.through(e, step, b)
+            if moved is not None:
+                out[base] = moved
     return out
+
+
+def _start(e: L.Expr, base: fx.Node, values: dict[fx.Node, Any]) -> Any:
+    """The value `e.op` reads: `base`'s, or that of the last layout step before the op."""
+    return values.get(e.pre[-1].node) if e.pre else values.get(base)
 
 
 def _in_layout(e: L.Expr, nd: int, value: Any) -> L.Expr | None:
@@ -152,6 +164,8 @@ def _sum_terms(node: fx.Node, terms: list[tuple[fx.Node, float]], extra: frozens
         exprs = [c[base] for c in per_term]
         if any(e.partial for e in exprs):
             continue
+        if any(Y.has_layout(e) for e in exprs):
+            continue  # a term that goes through a layout op is no conv of the base on its own
         layout = next((e.op.nd for e in exprs if not e.op.is_identity), exprs[0].op.nd)
         exprs = [_in_layout(e, layout, values.get(base)) if e.op.is_identity else e for e in exprs]
         if any(e is None for e in exprs):
@@ -189,7 +203,9 @@ def unary_info(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], constants:
         if node.args != (x,) or node.kwargs:
             return None
         info = result.leaves.get(id(child))
-        if info is None or info.op is None:
+        if info is None:
+            return _layout_info(node, x, values, result)
+        if info.op is None:
             return info
         if shape is not None and len(shape) >= 2 and info.op.in_channels != shape[1 if info.op.nd else -1]:
             return None  # a child called again on other channels (one Dropout after fc1 and fc2): not this op
@@ -214,11 +230,22 @@ def unary_info(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], constants:
         last = K.scale_op(K.identity_op(shape[-1], 0), -1.0) if nd else None
         return L.LeafInfo(K.scale_op(K.identity_op(shape[1], nd), -1.0), "scale", scales=1,
                           terms=("identity",), last_axis=last)
+    if key in Y.PERMUTES or key in Y.TRANSPOSES:
+        return _layout_info(node, x, values, result)
     if args and args[0] is x:
         info = L.lower_function(node, args, kwargs, shape)
         if info is not None:
             return replace(info, leaves=(f"{prefix}{node.name}",))
     return None
+
+
+def _layout_info(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], result: Analysis) -> L.LeafInfo | None:
+    """A layout-only op (`layouts`), with an identity placeholder as its op."""
+    step = Y.step_of(node, x, values, result.plans)
+    if step is None:
+        return None
+    shape = values[x].shape
+    return L.LeafInfo(K.identity_op(shape[1], len(shape) - 2), "layout", ops=0, terms=("identity",), layout=step)
 
 
 def _affine_info(value: Any, shape: tuple[int, ...], affine: Any, kind: str, scales: int,
@@ -245,8 +272,16 @@ def extend(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node
         if e.partial or (info.partial and base is x):  # base x alone: the child's own business
             continue
         step = info
+        if info.layout is not None:
+            moved = Y.through(e, info.layout, values.get(node))
+            if moved is not None:
+                out[base] = moved
+            continue
+        if e.post:
+            _after_layout(node, x, base, e, info, out, result, path, values)
+            continue
         if e.op.is_identity:  # an identity takes the layout of the op applied to it
-            e = _in_layout(e, info.op.nd, values.get(base))
+            e = _in_layout(e, info.op.nd, _start(e, base, values))
             if e is None:
                 continue
         elif info.last_axis is not None and e.op.nd == 0 and info.op.nd != 0:  # a scalar after a last-axis op
@@ -264,8 +299,25 @@ def extend(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node
             continue
         out[base] = L.Expr(op, e.nodes | {node}, e.ops + info.ops, _chain_terms(e.terms, info),
                            e.norms + info.norms, e.scales + info.scales, e.leaves + info.leaves, cost,
-                           partial=info.partial)
+                           partial=info.partial, pre=e.pre)
     return _cap(out)
+
+
+def _after_layout(node: fx.Node, x: fx.Node, base: fx.Node, e: L.Expr, info: L.LeafInfo,
+                  out: dict[fx.Node, L.Expr], result: Analysis, path: str, values: dict[fx.Node, Any]) -> None:
+    """`info` after `e`, which ends in layout steps (a Linear → permute, then a BN2d)."""
+    if info.partial:
+        return
+    op, pre, post, reason = Y.compose_after(e, info.op, info.last_axis, values[x].dim())
+    if op is None:
+        if reason and not e.op.is_identity:
+            result.skip(site_label(path, node), reason)
+        return
+    if op.weight.numel() > result.weight_budget:
+        return
+    cost = e.cost + info.input_cost() / math.prod(e.op.stride)
+    out[base] = L.Expr(op, e.nodes | {node}, e.ops + info.ops, _chain_terms(e.terms, info), e.norms + info.norms,
+                       e.scales + info.scales, e.leaves + info.leaves, cost, pre=pre, post=post)
 
 
 def _too_large(size: int, result: Analysis) -> str:

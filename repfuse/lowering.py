@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -22,6 +22,9 @@ from torch import nn
 
 from . import kernels as K
 from .kernels import ConvOp
+
+if TYPE_CHECKING:
+    from .layouts import LayoutStep
 
 # ----------------------------------------------------------------------------------------------
 # Expressions: a value as an affine op of an earlier value
@@ -45,6 +48,10 @@ class Expr:
     cost: float = 0.0  # multiply-adds per position of `base` of the ops folded in (see op_cost)
     # ends inside a child (its affine prefix), not at this node's value: may end a region, never extend
     partial: bool = False
+    # layout-only ops (permutes, flattens) the value goes through before / after `op` (`layouts`): they stay
+    # in the deploy graph, on their side of the fused layer: value = post(op(pre(base)))
+    pre: tuple[LayoutStep, ...] = ()
+    post: tuple[LayoutStep, ...] = ()
 
 
 def op_cost(op: ConvOp) -> float:
@@ -69,6 +76,7 @@ class LeafInfo:
     # the same op on the LAST axis (nd == 0), where a constant broadcasts both ways (a scalar on [N, H, W, C]):
     # the layout of the op before it decides which one composes
     last_axis: ConvOp | None = None
+    layout: LayoutStep | None = None  # a layout-only op (kind "layout"; `op` is an identity placeholder)
 
     def input_cost(self) -> float:
         return self.cost if self.cost is not None else op_cost(self.op) if self.op is not None else 0.0

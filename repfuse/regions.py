@@ -24,6 +24,7 @@ from torch import nn
 
 from . import effects as E
 from . import kernels as K
+from . import layouts as Y
 from . import lowering as L
 from .graph import CallRecord, Replay
 from .kernels import ConvOp
@@ -69,6 +70,7 @@ class ModulePlan:
     prefix: Prefix | None = None
     strip_prefix: bool = False  # set by apply when the parent folded the prefix in
     note: str = ""
+    layout: tuple[Y.LayoutStep, ...] = ()  # the whole forward is these layout-only ops (a permute module)
 
 
 Cands = dict[fx.Node, dict[fx.Node, L.Expr]]
@@ -106,7 +108,7 @@ def choose_regions(plan: ModulePlan, cands: Cands, ctx: Context) -> None:
         for i, (base, expr) in enumerate(options):
             if expr.ops < 2 or _single_child(expr):
                 continue
-            problem = region_problem(expr.nodes, y, consumed, ctx)
+            problem = region_problem(expr.nodes, y, consumed, ctx, Y.layout_nodes(expr))
             dtype, dtype_problem = common_dtype(expr.nodes | {base}, ctx.replay)
             problem = problem or dtype_problem
             if problem is None and L.op_cost(expr.op) > expr.cost * COST_SLACK:
@@ -178,9 +180,12 @@ def self_check(expr: L.Expr, x: Any, y: Any) -> tuple[float, str | None]:
     verification afterwards compares every output of the whole model in float64."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         return float("inf"), "the sub-graph's input or output is not a single tensor"
-    op, x, y = _sampled(expr.op, x, y)
+    if Y.has_layout(expr):  # the layout steps move the channels: run the whole fused op
+        op = expr.op
+    else:
+        op, x, y = _sampled(expr.op, x, y)
     try:
-        out = K.apply_op(op, x.double())
+        out = Y.apply_expr(replace(expr, op=op), x.double())
     except RuntimeError as exc:
         return float("inf"), f"internal self-check failed: the fused layer does not run ({exc})"
     if out.shape != y.shape:
@@ -211,9 +216,11 @@ def _sampled(op: ConvOp, x: torch.Tensor, y: torch.Tensor) -> tuple[ConvOp, torc
     return replace(op, weight=op.weight[rows], bias=op.bias[rows], groups=len(keep)), x[:, cols], y[:, rows]
 
 
-def region_problem(nodes: frozenset[fx.Node], y: fx.Node, consumed: set[fx.Node], ctx: Context) -> str | None:
+def region_problem(nodes: frozenset[fx.Node], y: fx.Node, consumed: set[fx.Node], ctx: Context,
+                   kept: set[fx.Node] | frozenset[fx.Node] = frozenset()) -> str | None:
     """Why these nodes cannot become one layer (an inner value used outside, a shared module, an
-    effect on a value the sub-graph would no longer compute)."""
+    effect on a value the sub-graph would no longer compute). The layout steps in `kept` stay in the
+    graph: a module they call may be shared."""
     for n in nodes:
         if n in consumed:
             return f"'{n.name}' is already part of another fused site"
@@ -226,7 +233,7 @@ def region_problem(nodes: frozenset[fx.Node], y: fx.Node, consumed: set[fx.Node]
                 return f"'{n.name}' is changed in place inside the sub-graph"
         elif n in ctx.replay.mutated and not E.fresh(n):
             return f"'{n.name}' is changed in place and shares memory with another value"
-        if n.op == "call_module":
+        if n.op == "call_module" and n not in kept:
             child = n.graph.owning_module.get_submodule(n.target)
             rec = ctx.records.get(id(child))
             if rec is not None and rec.calls > 1:
@@ -275,6 +282,10 @@ def summarise(plan: ModulePlan, cands: Cands, ctx: Context, rec: CallRecord) -> 
         plan.summary_dtype = ctx.replay.dtypes.get(x)
         return
     expr = cands.get(y, {}).get(x)
+    if expr is not None and Y.has_layout(expr):  # never one op: the layout steps stay
+        if expr.op.is_identity and not expr.post and compute <= expr.nodes and not rec.mutates:
+            plan.layout = expr.pre  # a module that only moves axes (NHWCtoNCHW): a layout step for its parent
+        expr = None
     if expr is not None and not expr.partial and compute <= expr.nodes and not (expr.nodes & ctx.replay.mutated):
         dtype, problem = common_dtype(expr.nodes | {x}, ctx.replay)
         error, problem = self_check(expr, ctx.values.get(x), ctx.values.get(y)) if problem is None else (0.0, problem)
@@ -291,7 +302,7 @@ def find_prefix(plan: ModulePlan, cands: Cands, x: fx.Node, ctx: Context) -> Pre
     order = {n: i for i, n in enumerate(cands)}
     options = [(y, c[x]) for y, c in cands.items() if x in c]  # largest first: the first that holds is the one
     for y, expr in sorted(options, key=lambda ye: (-len(ye[1].nodes), order[ye[0]])):
-        if y is x or expr.partial or expr.ops < 1 or not y.users:
+        if y is x or expr.partial or expr.ops < 1 or not y.users or Y.has_layout(expr):
             continue
         if best is not None:
             break

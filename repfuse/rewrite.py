@@ -24,6 +24,7 @@ from torch import nn
 
 from . import effects as E
 from . import kernels as K
+from . import layouts as Y
 from . import lowering as L
 from .analysis import COST_SLACK, Analysis, DtypeMap, ModulePlan, Region, analyse, site_label
 from .kernels import ConvOp
@@ -234,7 +235,9 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         while base in replaced:
             base = replaced[base]
         kept = region.output if region.expr.partial else None  # the child that keeps its suffix
-        targets = sorted({n.target for n in region.expr.nodes if n.op == "call_module" and n is not kept})
+        steps = Y.layout_nodes(region.expr)  # layout-only ops: they stay, on their side of the new layer
+        targets = sorted({n.target for n in region.expr.nodes
+                          if n.op == "call_module" and n is not kept and n not in steps})
         sources = [m.get_submodule(t) for t in targets]
         if kept is not None:
             sources.append(m.get_submodule(kept.target))
@@ -242,7 +245,9 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         layer = materialise(region.expr.op, (region.dtype or dtype, device), dtypes)
         before = sum(_count_params(m.get_submodule(t)) for t in targets)
         gm.add_submodule(name, layer)  # so fx's lint sees the target
-        if kept is None:
+        if steps:
+            replaced[region.output] = _write_with_layout(graph, region, name, base)
+        elif kept is None:
             with graph.inserting_after(region.output):
                 new = graph.create_node("call_module", name, (base,))
             region.output.replace_all_uses_with(new)
@@ -256,7 +261,7 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
             with graph.inserting_before(kept):
                 new = graph.create_node("call_module", name, (base,))
             kept.args = (new,)
-        for n in sorted(region.expr.nodes - {kept}, key=_order(graph), reverse=True):
+        for n in sorted(region.expr.nodes - {kept} - steps, key=_order(graph), reverse=True):
             graph.erase_node(n)
         consumed_modules.extend(targets)
         new_layers.append((name, layer, region, before))
@@ -305,10 +310,35 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
     return block
 
 
+def _write_with_layout(graph: fx.Graph, region: Region, name: str, base: fx.Node) -> fx.Node:
+    """``post(layer(pre(base)))``: the region's layout steps stay as they were, chained around the new
+    layer (the affine ops between them are gone). Returns the node that now holds the region's value."""
+    pre = [s.node for s in region.expr.pre]
+    post = [s.node for s in region.expr.post]
+    source = base
+    for n in pre:
+        n.args = (source, *n.args[1:])
+        source = n
+    if post:
+        with graph.inserting_before(post[0]):
+            new = graph.create_node("call_module", name, (source,))
+    else:
+        with graph.inserting_after(region.output):
+            new = graph.create_node("call_module", name, (source,))
+    source = new
+    for n in post:
+        n.args = (source, *n.args[1:])
+        source = n
+    if source is not region.output:
+        region.output.replace_all_uses_with(source)
+    return source
+
+
 def _touches_frozen(region: Region, path: str, frozen: Frozen, analysis: Analysis) -> bool:
     """Does the region remove (or strip the prefix of) a module something else still reads?"""
+    steps = Y.layout_nodes(region.expr)
     for n in region.expr.nodes:
-        if n.op == "call_module" and frozen.holds(_join(path, str(n.target))):
+        if n.op == "call_module" and n not in steps and frozen.holds(_join(path, str(n.target))):
             analysis.skip(site_label(path, region.output), f"'{n.target}' must stay as it is: "
                           f"{frozen.why(_join(path, str(n.target)))}")
             return True

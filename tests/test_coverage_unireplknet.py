@@ -126,18 +126,19 @@ def assert_adds_nothing(original: nn.Module, deploy: nn.Module, shape: tuple[int
 def test_channels_first_layernorm_affine_is_not_a_new_conv() -> None:
     # before: the LayerNorm's `weight * x + bias` became a depthwise 1×1 conv (one more conv, more MACs)
     model = UniRepLKNetBlock(norm="ln")
-    res = fuse_checked(model, SHAPE, convs=1, norms=1, linears=2, dtype=torch.float64, keep=("norm",))
+    res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64, keep=("norm",))
     assert_adds_nothing(model, res.model)
     assert any("would add a layer" in r for m, r in skipped_reasons(res).items() if m.startswith("norm."))
 
 
 def test_bn_block_fuses_dwconv_and_norm_and_adds_nothing() -> None:
-    # dwconv + BN fold into one conv; pwconv2's Linear → permute → BN and the layer scale stay (a fused
-    # Linear followed by the permute is not one layer the rewrite can write)
+    # dwconv + BN fold into one conv; pwconv2's Linear → permute → BN folds into one Linear, the permute
+    # module staying after it (before: the BN stayed, as the rewrite could not write "Linear, then permute")
     model = UniRepLKNetBlock(norm="bn")
-    res = fuse_checked(model, SHAPE, convs=1, norms=1, linears=2, dtype=torch.float64)
+    res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
     assert_adds_nothing(model, res.model)
     assert len(list(res.model.modules())) < len(list(model.modules()))
+    assert isinstance(res.model.pwconv2.get_submodule("1"), ToNCHW)
 
 
 def test_grn_bias_and_layer_scale_fold_into_the_linears() -> None:
