@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -79,6 +80,9 @@ class FuseResult:
     timings: dict[str, float] = field(default_factory=dict)
     input_source: str = "--input-shape"  # where the input size came from (input_size.InputSize.source)
     input_guessed: bool = False  # nothing recorded it: guessed from the first layer
+    extra_shapes: tuple[tuple[tuple[int, ...], ...], ...] | None = None  # verified besides (None: not chosen)
+    analysed_at: tuple[tuple[int, ...], ...] = ()  # the input shapes of the analysis's recorded forward
+    runs: verify.Runs = field(default_factory=verify.Runs)  # forwards the verification can reuse
 
 
 class _Clock:
@@ -106,8 +110,9 @@ class _Clock:
         return lambda done, total: progress(Step(message, name, done, total))
 
 
-def resolve_input_size(model: nn.Module, options: Options) -> input_size.InputSize:
-    """options.input_shapes, else the model's metadata, else a guess (see `input_size`); checked to run."""
+def resolve_input_size(model: nn.Module, options: Options, runs: verify.Runs | None = None) -> input_size.InputSize:
+    """options.input_shapes, else the model's metadata, else a guess (see `input_size`); checked to run
+    (that run is kept in `runs`: it is the verification's trial 0)."""
     if options.input_shapes:
         size = input_size.InputSize(tuple(tuple(s) for s in options.input_shapes), "--input-shape", False)
     else:
@@ -115,7 +120,7 @@ def resolve_input_size(model: nn.Module, options: Options) -> input_size.InputSi
     for s in size.shapes:
         if not s or any(d <= 0 for d in s):
             raise RepfuseError(f"invalid input shape {s}", "every dimension must be a positive integer")
-    verify.check_runs(model, size.shapes, options.seed)
+    verify.check_runs(model, size.shapes, options.seed, runs)
     return size
 
 
@@ -132,12 +137,19 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
     """
     clock = clock or _Clock(progress)
     model.eval()
-    size = resolve_input_size(model, options)
+    runs = verify.Runs()
+    size = resolve_input_size(model, options, runs)
     shapes = size.shapes
+    extra = _extra_shapes(model, shapes, options, runs)
+    at, seed = _analysis_run(shapes, extra, options)
     with clock.stage("trace", "tracing and analysing modules"):
         work, dtypes = rewrite.float64_copy(model)
-        analysis = rewrite.analyse(work, verify.make_inputs(shapes, torch.float64, options.seed), dtypes,
-                                   clock.count("trace", "analysing modules"))
+        with verify.seeded(work, seed):
+            analysis = rewrite.analyse(work, verify.make_inputs(at, torch.float64, seed), dtypes,
+                                       clock.count("trace", "analysing modules"))
+        recorded = analysis.records.get(id(work))
+        if recorded is not None and recorded.output is not None:  # the original's float64 run at `at`
+            runs.put(model, at, seed, recorded.output, float64=True)
     with clock.stage("fuse", "fusing"):
         applied = rewrite.apply(work, analysis, dtypes, verify.model_dtype(model))
         analysis.records, analysis.plans = {}, {}  # the recorded activations and graphs: done with
@@ -146,19 +158,44 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
     skipped = leftovers.live_skips(analysis.skipped, applied.sites, applied.model)
     skipped += leftovers.norms_left(applied.model, skipped, analysis.notes)
     return FuseResult(deploy, fused64, applied.sites, skipped, analysis.notes, shapes,
-                      clock.timings, size.source, size.guessed)
+                      clock.timings, size.source, size.guessed, tuple(extra), at, runs)
+
+
+def _extra_shapes(model: nn.Module, shapes: tuple[tuple[int, ...], ...], options: Options,
+                  runs: verify.Runs) -> list[tuple[tuple[int, ...], ...]]:
+    """The shape sets verified besides `shapes`: --verify-shapes, else one the original runs on (see
+    verify.extra_shapes; that run is kept in `runs`)."""
+    if options.verify_shapes is not None:
+        return [tuple(tuple(s) for s in e) for e in options.verify_shapes]
+    return verify.extra_shapes(model, shapes, options.seed + options.trials, runs)[0]
+
+
+def _analysis_run(shapes: tuple[tuple[int, ...], ...], extra: list[tuple[tuple[int, ...], ...]],
+                  options: Options) -> tuple[tuple[tuple[int, ...], ...], int]:
+    """(shapes, seed) of the analysis's recorded forward: the cheapest of the runs the verification checks
+    for exactness (fewest input elements; the given shapes on a tie). Fusion is shape-generic (DESIGN §3),
+    the recorded values are its witness, and the verification checks every shape set end to end, so the
+    analysis need not run at the largest one; its float64 forward is then that shape set's reference."""
+    exact = [(s, seed) for s, seed, checked in verify.trial_runs(shapes, extra, options.trials, options.seed)
+             if checked]
+    return min(exact, key=lambda run: sum(math.prod(s) for s in run[0]))
 
 
 def _summary(original: nn.Module, fused: nn.Module, sites: list[FusionSite],
-             shapes: tuple[tuple[int, ...], ...], seed: int) -> Summary:
+             shapes: tuple[tuple[int, ...], ...], seed: int, runs: verify.Runs | None = None) -> Summary:
     inputs = verify.make_inputs(shapes, verify.model_dtype(original), seed)
     before, after = leftovers.count_kinds(original), leftovers.count_kinds(fused)
+
+    def macs(model: nn.Module) -> int | None:  # counted on the verification's trial 0 where it ran
+        counted = runs.macs(model, shapes, seed) if runs is not None else verify.UNCOUNTED
+        return verify.count_macs(model, inputs) if counted is verify.UNCOUNTED else counted
+
     return Summary(
         fusions=len(sites),
         params_before=sum(p.numel() for p in original.parameters()),
         params_after=sum(p.numel() for p in fused.parameters()),
-        macs_before=verify.count_macs(original, inputs),
-        macs_after=verify.count_macs(fused, inputs),
+        macs_before=macs(original),
+        macs_after=macs(fused),
         convs_before=before["convs"], convs_after=after["convs"], linears_before=before["linears"],
         linears_after=after["linears"], norms_before=before["norms"], norms_after=after["norms"],
     )
@@ -272,8 +309,8 @@ def _fuse_and_verify(loaded: rio.LoadedCheckpoint, options: Options, command: st
         ver = verify.compare(loaded.model, result.model, result.input_shapes, atol=options.atol,
                              rtol=options.rtol, trials=options.trials, seed=options.seed,
                              worst_sites=_site_errors(result), fused64=result.fused64,
-                             extra=options.verify_shapes)
-    summary = _summary(loaded.model, result.model, result.sites, result.input_shapes, options.seed)
+                             extra=result.extra_shapes, runs=result.runs)
+    summary = _summary(loaded.model, result.model, result.sites, result.input_shapes, options.seed, result.runs)
     report = Report(tool=_tool(), command=command,
                     input={**_input_info(loaded), "input_shape_source": result.input_source}, output=None,
                     fusions=tuple(result.sites), skipped=tuple(result.skipped), summary=summary,
@@ -287,7 +324,8 @@ def _fuse_and_verify(loaded: rio.LoadedCheckpoint, options: Options, command: st
             mapped = verify.compare(loaded.model, deployed.model, result.input_shapes, atol=options.atol,
                                     rtol=options.rtol, trials=options.trials, seed=options.seed,
                                     worst_sites=_site_errors(result), fused64=deployed.model64,
-                                    exact=deployed.model64 is not None, extra=options.verify_shapes)
+                                    exact=deployed.model64 is not None, extra=result.extra_shapes,
+                                    runs=result.runs)
         report = replace(report, verification=mapped if ver.passed else ver)
     return report, result, deployed
 
@@ -331,7 +369,9 @@ def convert_file(src: Path, dst: Path, options: Options, progress: Progress | No
                          "(convert a float32 copy of the checkpoint instead)")
     inputs = verify.make_inputs(result.input_shapes, loaded.dtype, options.seed)
     with clock.stage("save", f"writing {dst}"):
-        output = artifact.write(fmt, dst, loaded, deployed, report, inputs, limits(options), options)
+        reference = result.runs.get(deployed.model, result.input_shapes, options.seed)  # verification's trial 0
+        output = artifact.write(fmt, dst, loaded, deployed, report, inputs, limits(options), options,
+                                verify.flat_outputs(reference))
         if options.keymap is not None and deployed.keymap is not None:
             text = deployed.keymap.to_json().encode("utf-8")
             output["keymap"] = {"path": str(options.keymap),

@@ -35,11 +35,14 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed, report: Report,
            inputs: tuple[torch.Tensor, ...], bounds: rio.Limits | None = None,
-           options: Options | None = None) -> dict[str, Any]:
+           options: Options | None = None, reference: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """Write OUT in `fmt`; every writer checks the written file before it replaces `dst`. A `.pt`
     holds the deploy model (in the input's container) unless the weights go into the user's
-    --deploy-model: then its state_dict, under its key names."""
+    --deploy-model: then its state_dict, under its key names. `reference`: the deploy model's output
+    tensors on `inputs` (run with the options' seed), which the file loaded back must reproduce
+    exactly (computed here when not given)."""
     options = options or Options()
+    seed = options.seed
     extra: dict[str, Any] = {}
     if deployed.spec:
         extra["deploy_model"] = deployed.spec
@@ -53,21 +56,25 @@ def write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed,
     if fmt == "onnx":
         return {**export.write_onnx(deployed.model, inputs, dst, (loaded.path,), dynamic=not options.static,
                                     opset=options.opset), **extra}
+    given = reference
+
+    def reproduces(got: list[torch.Tensor]) -> None:  # a given reference may come from a counted run
+        if given is None or not _equal(given, got):
+            _same(verify.run(deployed.model, inputs, seed=seed), got, dst)
+
     if deployed.keymap is None:  # the input's container, the model (or the weights) replaced by the deploy model
-        reference = verify.run(deployed.model, inputs)
         if loaded.kind == "state_dict":  # its classes come from the --model the user named: they load with it
             loaded = replace(loaded, allow=(*loaded.allow, *_class_modules(deployed.model)))
 
         def check_model(tmp: Path) -> None:
             again = rio.load_checkpoint(tmp, allow=loaded.allow, trust=loaded.trust, limits=bounds)
-            _same(reference, verify.run(again.model.eval(), inputs), dst)
+            reproduces(verify.run(again.model.eval(), inputs, seed=seed))
 
         digest = rio.save_checkpoint(loaded, deployed.model, dst, check=check_model, limits=bounds)
         return {"sha256": digest, "content": "model", **extra,
                 "check": "reloaded with torch.load(weights_only=True); outputs identical"}
     # a state_dict in, or the user's deploy model: the input's container, the state_dict replaced
     state = _state_dict(deployed.model)
-    reference = verify.run(deployed.model, inputs)
 
     def check_state(tmp: Path) -> None:
         obj, _ = rio.load_object(tmp, allow=loaded.allow, trust=loaded.trust, limits=bounds)
@@ -77,7 +84,7 @@ def write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed,
             raise RepfuseError(f"{dst.name} does not hold the deploy state_dict after writing it", _BUG_HINT)
         model = copy.deepcopy(deployed.model)
         model.load_state_dict(again, strict=True)
-        _same(reference, verify.run(model.eval(), inputs), dst)
+        reproduces(verify.run(model.eval(), inputs, seed=seed))
 
     obj = rio.replace_in_container(loaded.container, loaded.key, state)
     digest = rio.save_object(obj, dst, inputs=(loaded.path,), allow=loaded.allow, trust=loaded.trust,
@@ -95,8 +102,12 @@ def _class_modules(model: nn.Module) -> tuple[str, ...]:
     return tuple(sorted(n for n in names if n.split(".")[0] not in ("torch", "repfuse", "builtins", "__main__")))
 
 
+def _equal(reference: list[torch.Tensor], got: list[torch.Tensor]) -> bool:
+    return len(reference) == len(got) and all(torch.equal(p, q) for p, q in zip(reference, got))
+
+
 def _same(reference: list[torch.Tensor], got: list[torch.Tensor], dst: Path) -> None:
-    if len(reference) != len(got) or any(not torch.equal(p, q) for p, q in zip(reference, got)):
+    if not _equal(reference, got):
         raise RepfuseError(f"{dst.name} does not reproduce the converted model after loading it back; "
                            "nothing was written", _BUG_HINT)
 

@@ -16,7 +16,7 @@ in structure, dtype and device, and in value, by two checks:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -80,10 +80,18 @@ def outputs(model: Any, inputs: tuple[torch.Tensor, ...], *, float64: bool = Fal
     fresh = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
     guard = E.preserved_state(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
     mode = Float64Mode() if float64 else contextlib.nullcontext()
-    devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
-    with guard, torch.random.fork_rng(devices=devices), torch.set_grad_enabled(grad), mode:
-        torch.manual_seed(seed)
+    with guard, seeded(model, seed), torch.set_grad_enabled(grad), mode:
         return model(*fresh)
+
+
+@contextlib.contextmanager
+def seeded(model: Any, seed: int) -> Iterator[None]:
+    """The random generators seeded with `seed` (those of `model`'s CUDA devices too) inside, and as they
+    were outside: every forward repfuse compares draws the same random numbers."""
+    devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _tensors(model: Any) -> list[torch.Tensor]:
@@ -92,15 +100,77 @@ def _tensors(model: Any) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-def run(model: Any, inputs: tuple[torch.Tensor, ...], *, float64: bool = False) -> list[torch.Tensor]:
+def run(model: Any, inputs: tuple[torch.Tensor, ...], *, float64: bool = False, seed: int = 0) -> list[torch.Tensor]:
     """The output tensors of `outputs(model, inputs)`, flattened."""
-    return flat_outputs(outputs(model, inputs, float64=float64))
+    return flat_outputs(outputs(model, inputs, float64=float64, seed=seed))
 
 
-def check_runs(model: nn.Module, shapes: Sequence[tuple[int, ...]], seed: int) -> None:
-    """Raise a RepfuseError with a hint when the model cannot run on inputs of `shapes`."""
+class Runs:
+    """Forwards already made on verification's seeded inputs, for the stage that needs the same run
+    again: `outputs(model, make_inputs(shapes, dtype, seed), seed=seed)`, in the model's own dtype or in
+    float64. The check that the model runs is trial 0 of the original; the analysis's float64 forward is
+    the exactness reference of its shape set; the deploy model's trial 0 is what the written file must
+    reproduce; a model-dtype run counted with FlopCounterMode gives the summary's MACs. A stored run is
+    handed out once (`keep` stores it again), so nothing outlives the stage that needs it."""
+
+    def __init__(self) -> None:
+        self._out: dict[tuple[Any, ...], tuple[nn.Module, Any]] = {}
+        self._macs: dict[tuple[Any, ...], tuple[nn.Module, int | None]] = {}
+
+    @staticmethod
+    def _key(model: Any, shapes: Sequence[tuple[int, ...]], seed: int, float64: bool) -> tuple[Any, ...]:
+        return id(model), tuple(tuple(s) for s in shapes), seed, float64
+
+    def put(self, model: Any, shapes: Sequence[tuple[int, ...]], seed: int, out: Any, *,
+            float64: bool = False) -> None:
+        self._out[self._key(model, shapes, seed, float64)] = (model, out)
+
+    def get(self, model: Any, shapes: Sequence[tuple[int, ...]], seed: int, *, float64: bool = False,
+            count: bool = False, keep: bool = False) -> Any:
+        """The run's outputs: a stored one (removed unless `keep`), else a fresh run (stored with `keep`).
+        `count`: also count its MACs (model dtype only), unless they are counted already."""
+        key = self._key(model, shapes, seed, float64)
+        hit = self._out.get(key)
+        if hit is not None and hit[0] is model:
+            if not keep:
+                del self._out[key]
+            return hit[1]
+        x = make_inputs(shapes, torch.float64 if float64 else model_dtype(model), seed)
+        counting = count and not float64 and self.macs(model, shapes, seed) is UNCOUNTED
+        out = self._counted(model, x, seed, key) if counting else outputs(model, x, float64=float64, seed=seed)
+        if keep:
+            self._out[key] = (model, out)
+        return out
+
+    def _counted(self, model: Any, x: tuple[torch.Tensor, ...], seed: int, key: tuple[Any, ...]) -> Any:
+        try:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                out = outputs(model, x, seed=seed)
+        except Exception:  # a forward the counter cannot follow: run it plainly (its own errors surface)
+            self._macs[key] = (model, None)
+            return outputs(model, x, seed=seed)
+        self._macs[key] = (model, int(counter.get_total_flops() // 2))
+        return out
+
+    def macs(self, model: Any, shapes: Sequence[tuple[int, ...]], seed: int) -> Any:
+        """The MACs counted on a run of `model` at `shapes` (None: it could not be counted), else UNCOUNTED."""
+        hit = self._macs.get(self._key(model, shapes, seed, False))
+        return hit[1] if hit is not None and hit[0] is model else UNCOUNTED
+
+
+UNCOUNTED = object()
+
+
+def check_runs(model: nn.Module, shapes: Sequence[tuple[int, ...]], seed: int, runs: Runs | None = None) -> None:
+    """Raise a RepfuseError with a hint when the model cannot run on inputs of `shapes` (with `runs`, the
+    run is kept there, its MACs counted: it is trial 0 of the verification)."""
     try:
-        run(model, make_inputs(shapes, model_dtype(model), seed))
+        if runs is None:
+            run(model, make_inputs(shapes, model_dtype(model), seed), seed=seed)
+        else:
+            runs.get(model, shapes, seed, count=True, keep=True)
     except RepfuseError:
         raise
     except Exception as exc:
@@ -158,15 +228,20 @@ def shape_sets(values: Sequence[str] | None, parse: Callable[[str], tuple[int, .
     return tuple(tuple(parse(part) for part in v.split(";") if part.strip()) for v in values or ())
 
 
-def extra_shapes(model: nn.Module, shapes: Shapes, seed: int) -> tuple[list[Shapes], list[Shapes]]:
+def extra_shapes(model: nn.Module, shapes: Shapes, seed: int, runs: Runs | None = None,
+                 ) -> tuple[list[Shapes], list[Shapes]]:
     """(extra shapes to check, candidates the original rejects): the first candidate (see
     `candidate_shapes`) that the original model runs on — a model that accepts one size only is then
-    checked at another batch size at least, where it accepts that."""
+    checked at another batch size at least, where it accepts that. With `runs`, the accepted run is kept
+    there (on inputs of `seed`: pass the seed verification gives that shape set)."""
     dtype = model_dtype(model)
     rejected = []
     for cand in candidate_shapes(shapes):
         try:
-            run(model, make_inputs(cand, dtype, seed))
+            if runs is None:
+                run(model, make_inputs(cand, dtype, seed), seed=seed)
+            else:
+                runs.get(model, cand, seed, keep=True)
         except RepfuseError:
             raise
         except Exception:
@@ -218,43 +293,47 @@ def interface_difference(ref: Any, got: Any) -> str | None:
 def compare(original: nn.Module, fused: nn.Module, shapes: Sequence[tuple[int, ...]], *, atol: float | None,
             rtol: float | None, trials: int, seed: int,
             worst_sites: Sequence[tuple[str, float]] = (), fused64: nn.Module | None = None,
-            exact: bool = True, extra: Sequence[Shapes] | None = None) -> Verification:
+            exact: bool = True, extra: Sequence[Shapes] | None = None, runs: Runs | None = None) -> Verification:
     """Run both models on `trials` seeded inputs in float64 and in the model's dtype, at `shapes`, and
     once more at every shape of `extra` (None: one other size and batch the original accepts, chosen by
     `extra_shapes`; (): none). Outputs must also agree in structure, dtype and device.
 
     `fused64` is the fused model before its new weights were cast to the model's dtype (the
     exactness check needs float64 weights); without it, `fused` is upcast. With `exact=False`
-    (two checkpoints compared as stored) the float64 figure is reported but does not decide.
+    (two checkpoints compared as stored) the float64 figure is reported but does not decide. `runs`
+    holds forwards made already (see `Runs`); the deploy model's trial 0 is left there, and the MACs of
+    both models at `shapes` are counted there.
     """
     dtype = model_dtype(original)
     d_atol, d_rtol = default_tolerances(dtype)
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
     shapes = tuple(tuple(s) for s in shapes)
-    others = extra_shapes(original, shapes, seed)[0] if extra is None else [tuple(map(tuple, e)) for e in extra]
+    runs = Runs() if runs is None else runs
+    others = (extra_shapes(original, shapes, seed + trials, runs)[0] if extra is None
+              else [tuple(map(tuple, e)) for e in extra])
     # float64 runs use the models as they are, under Float64Mode (which upcasts every weight as it is used,
     # exactly): no float64 copy of either model is held; `outputs` leaves each model as it was
     twin = fused64 if fused64 is not None else fused
     exact_abs = exact_rel = max_abs = max_rel = 0.0
     passed, message = True, ""
-    runs = [(shapes, seed + t) for t in range(trials)] + [(s, seed + trials + i) for i, s in enumerate(others)]
-    for shape_set, trial_seed in runs:
+    for shape_set, trial_seed, exact_run in trial_runs(shapes, others, trials, seed):
         where = "" if shape_set == shapes else f" at input shape {_fmt_shapes(shape_set)}"
-        x64 = make_inputs(shape_set, torch.float64, trial_seed)
         e_abs = e_rel = 0.0
         ref64 = None  # the original in float64: for exactness, and for the fallback of the dtype check
 
-        def reference(x64: tuple[torch.Tensor, ...] = x64, trial_seed: int = trial_seed) -> list[torch.Tensor]:
-            return flat_outputs(outputs(original, x64, float64=True, seed=trial_seed))
+        def reference(shape_set: Shapes = shape_set, trial_seed: int = trial_seed) -> list[torch.Tensor]:
+            return flat_outputs(runs.get(original, shape_set, trial_seed, float64=True))
 
-        if trial_seed == seed or shape_set != shapes:  # exactness is maths: one input per shape set decides it
+        if exact_run:
             ref64 = reference()
+            x64 = make_inputs(shape_set, torch.float64, trial_seed)
             e_abs, _, e_rel = _errors(flat_outputs(outputs(twin, x64, float64=True, seed=trial_seed)), ref64)
         exact_abs, exact_rel = max(exact_abs, e_abs), max(exact_rel, e_rel)
         # the deploy model itself, in its own dtype (for a float64 model too: fused64 is a copy)
-        xd = tuple(x.to(dtype) for x in x64)
-        out_ref, out_fused = outputs(original, xd, seed=trial_seed), outputs(fused, xd, seed=trial_seed)
+        first = trial_seed == seed
+        out_ref = runs.get(original, shape_set, trial_seed, count=first)
+        out_fused = runs.get(fused, shape_set, trial_seed, count=first, keep=first)
         ref_d, fused_d = flat_outputs(out_ref), flat_outputs(out_fused)
         a_abs, a_scale, a_rel = _errors(fused_d, ref_d)
         ok = a_abs <= atol + rtol * a_scale
@@ -279,6 +358,13 @@ def compare(original: nn.Module, fused: nn.Module, shapes: Sequence[tuple[int, .
                         trials=trials, input_shape=shapes, seed=seed,
                         dtype=str(dtype).removeprefix("torch."), worst_sites=worst, message=message,
                         shapes_checked=(shapes, *others))
+
+
+def trial_runs(shapes: Shapes, others: Sequence[Shapes], trials: int, seed: int) -> list[tuple[Shapes, int, bool]]:
+    """(shape set, seed of its inputs, checked for exactness) of every run `compare` makes: `trials` at
+    `shapes`, then one per extra shape set. Exactness is maths: one input per shape set decides it."""
+    main = [(shapes, seed + t, t == 0) for t in range(trials)]
+    return main + [(tuple(s), seed + trials + i, True) for i, s in enumerate(others)]
 
 
 def _fmt_shapes(shapes: Shapes) -> str:

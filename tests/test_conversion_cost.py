@@ -1,0 +1,117 @@
+"""Conversion cost without timing (issue 10): the work a conversion does, counted — forwards of the original
+at the given input size, the shape the analysis records at — and that sharing runs between stages changes
+no figure: the summary's MACs equal an independent count, the exactness reference is the original's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from repfuse import api, verify
+from repfuse.samples import randomize_bn, repvgg_tiny
+from repfuse.types import Options
+
+MAIN = (1, 3, 64, 64)  # its extra shape set, 2×3×33×33, has fewer elements
+
+
+class Counted(nn.Module):
+    """A RepVGG-like model that logs its forwards as (instance, input shape), copies included."""
+
+    calls: ClassVar[list[tuple[int, tuple[int, ...]]]] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = repvgg_tiny()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        Counted.calls.append((id(self), tuple(x.shape)))
+        return self.body(x)
+
+
+def _macs(model: nn.Module, shape: tuple[int, ...]) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(shape))
+    return int(counter.get_total_flops() // 2)
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "in.pt"
+    torch.save(randomize_bn(Counted(), 3).eval(), path)
+    return path
+
+
+def test_the_original_runs_once_per_trial_and_once_in_float64_at_the_given_size(src: Path, tmp_path: Path) -> None:
+    """Checking that it runs is trial 0 (its MACs counted on it); the analysis records at the smaller extra
+    size, on a copy; at the given size only the float64 reference is a run of its own. The deploy side:
+    its float64 twin once, each trial, and the written file loaded back."""
+    Counted.calls = []
+    trials = 3
+    report = api.convert_file(src, tmp_path / "out.pt", Options(input_shapes=(MAIN,), trials=trials,
+                                                                   allow=(__name__,)))
+    assert report.verification is not None and report.verification.passed
+    original = Counted.calls[0][0]  # the loaded model: the first to run (the check that it runs)
+    at_main = [who for who, shape in Counted.calls if shape == MAIN]
+    assert at_main.count(original) == trials + 1, Counted.calls
+    assert len(at_main) - at_main.count(original) == trials + 2, Counted.calls
+    assert report.verification.shapes_checked[1] != (MAIN,)
+
+
+def test_the_analysis_records_at_the_cheapest_verified_shape_set() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(repvgg_tiny(), 1).eval()
+    result = api.fuse(model, Options(input_shapes=(MAIN,)))
+    assert result.extra_shapes and result.analysed_at == result.extra_shapes[0]
+    alone = api.fuse(model, Options(input_shapes=(MAIN,), verify_shapes=()))
+    assert alone.analysed_at == (MAIN,) and alone.extra_shapes == ()
+    larger = api.fuse(model, Options(input_shapes=(MAIN,), verify_shapes=(((2, 3, 48, 48),),)))
+    assert larger.analysed_at == (MAIN,)
+
+
+def test_summary_macs_equal_an_independent_count(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.pt"
+    report = api.convert_file(src, out, Options(input_shapes=(MAIN,), allow=(__name__,)))
+    original = torch.load(src, weights_only=False).eval()
+    deploy = torch.load(out, weights_only=False).eval()
+    assert report.summary.macs_before == _macs(original, MAIN)
+    assert report.summary.macs_after == _macs(deploy, MAIN) < report.summary.macs_before
+
+
+def test_the_reference_of_the_analysed_shape_is_the_original_in_float64() -> None:
+    """The analysis's recorded output, kept as the float64 reference of its shape set, is the original's
+    own float64 output on the same seeded input."""
+    torch.manual_seed(0)
+    model = randomize_bn(repvgg_tiny(), 2).eval()
+    result = api.fuse(model, Options(input_shapes=(MAIN,), seed=5))
+    at = result.analysed_at
+    seed = next(s for shapes, s, _ in verify.trial_runs((MAIN,), result.extra_shapes, 3, 5) if shapes == at)
+    kept = verify.flat_outputs(result.runs.get(model, at, seed, float64=True))
+    fresh = verify.run(model.double(), verify.make_inputs(at, torch.float64, seed), seed=seed)
+    assert len(kept) == len(fresh) == 1 and torch.allclose(kept[0], fresh[0], rtol=1e-12, atol=0)
+
+
+def test_a_fusion_wrong_only_at_the_given_size_still_fails(src: Path) -> None:
+    """The analysis records at the smaller size; verification still checks the given one end to end."""
+    torch.manual_seed(0)
+    model = randomize_bn(repvgg_tiny(), 4).eval()
+    result = api.fuse(model, Options(input_shapes=(MAIN,)))
+
+    class WrongAtMain(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.inner(x)
+            return y * 1.001 if tuple(x.shape) == MAIN else y
+
+    ver = verify.compare(model, WrongAtMain(result.model), (MAIN,), atol=None, rtol=None, trials=1, seed=0,
+                         fused64=WrongAtMain(result.fused64), extra=result.extra_shapes)
+    assert not ver.passed and "float64" in ver.message
