@@ -73,16 +73,21 @@ def analyse(root: nn.Module, inputs: tuple[Any, ...], dtypes: DtypeMap | None = 
         with mode:
             result = Analysis(records=G.record_calls(root, inputs), weight_budget=C.weight_budget(root))
         todo = [(path, m) for path, m in reversed(list(root.named_modules())) if id(m) in result.records]
-        for done, (path, m) in enumerate(todo):  # children before parents
-            if progress is not None:
-                progress(done, len(todo))
-            rec = result.records[id(m)]
-            _analyse_module(path, m, rec, result, mode)
-            for child in m.children():  # its parent has replayed it: what it recorded is no longer needed
-                if id(child) in result.records:
-                    G.release(result.records[id(child)])
-                result.prefix_values.pop(id(child), None)
+        with G.batched_tracing():
+            _analyse_all(todo, result, mode, progress)
     return result
+
+
+def _analyse_all(todo: list[tuple[str, nn.Module]], result: Analysis, mode: Float64Mode,
+                 progress: Callable[[int, int], None] | None) -> None:
+    for done, (path, m) in enumerate(todo):  # children before parents
+        if progress is not None:
+            progress(done, len(todo))
+        _analyse_module(path, m, result.records[id(m)], result, mode)
+        for child in m.children():  # its parent has replayed it: what it recorded is no longer needed
+            if id(child) in result.records:
+                G.release(result.records[id(child)])
+            result.prefix_values.pop(id(child), None)
 
 
 def _shadows(root: nn.Module, inputs: tuple[Any, ...], dtypes: DtypeMap | None) -> Shadows:

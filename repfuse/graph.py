@@ -15,18 +15,22 @@ whose trace would lose an effect is reported (`Traced.effect`) and its module is
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx._symbolic_trace as _sfx
 from torch import nn
 
 from . import effects as E
 from .recording import CallRecord, Replay, node_values, record_calls, release
 
-__all__ = ["CallRecord", "LeafTracer", "Replay", "Traced", "node_values", "record_calls", "release", "trace"]
+__all__ = ["CallRecord", "LeafTracer", "Replay", "Traced", "batched_tracing", "node_values", "record_calls", "release",
+           "trace"]
 
 # ----------------------------------------------------------------------------------------------
 # Tracing
@@ -224,3 +228,75 @@ def _state_derived(graph: fx.Graph) -> set[fx.Node]:
     return state
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Many traces in a row
+
+# Every fx trace sets nn.Module.__getattr__ and __call__ and sets them back: two assignments to a class with
+# thousands of subclasses each way (each invalidates every subclass's method cache), which made up half of
+# tracing a timm model module by module. `batched_tracing` installs two forwarding functions once; a trace
+# inside it points their slot at its own wrappers instead of assigning to nn.Module. Without the fx
+# internals it relies on (another torch version), every trace patches nn.Module as usual.
+
+_SLOTS: dict[str, Any] = {"__getattr__": None, "__call__": None}
+_BATCHING = all(hasattr(_sfx, name) for name in ("_new_patcher", "_Patcher", "_PatchedFn", "_orig_module_call",
+                                                 "_orig_module_getattr", "CURRENT_PATCHER"))
+
+
+def _forward_getattr(mod: nn.Module, attr: str) -> Any:
+    wrapper = _SLOTS["__getattr__"]
+    return _sfx._orig_module_getattr(mod, attr) if wrapper is None else wrapper(mod, attr)
+
+
+def _forward_call(mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    wrapper = _SLOTS["__call__"]
+    return _sfx._orig_module_call(mod, *args, **kwargs) if wrapper is None else wrapper(mod, *args, **kwargs)
+
+
+if _BATCHING:
+    class _SlotPatch(_sfx._PatchedFn):  # type: ignore[misc, valid-type]
+        def revert(self) -> None:
+            _SLOTS[self.fn_name] = self.orig_fn
+
+        def patch(self) -> None:
+            _SLOTS[self.fn_name] = self.new_fn
+
+    class _SlotPatcher(_sfx._Patcher):  # type: ignore[misc, valid-type]
+        def patch_method(self, cls: type, name: str, new_fn: Any, deduplicate: bool = True) -> None:
+            if cls is not nn.Module or name not in _SLOTS:
+                return super().patch_method(cls, name, new_fn, deduplicate)
+            new_fn.__fx_already_patched = deduplicate
+            self.patches_made.append(_SlotPatch(_SLOTS, name, _SLOTS[name], new_fn))
+            self.patches_made[-1].patch()
+            return None
+
+    @contextlib.contextmanager
+    def _slot_patcher() -> Iterator[Any]:  # fx's _new_patcher, with a _SlotPatcher
+        prior = _sfx.CURRENT_PATCHER
+        try:
+            _sfx.CURRENT_PATCHER = patcher = _SlotPatcher()
+            yield patcher
+        finally:
+            patcher.revert_all_patches()
+            _sfx.CURRENT_PATCHER = prior
+
+
+@contextlib.contextmanager
+def batched_tracing() -> Iterator[None]:
+    """Inside, `trace` does not assign to nn.Module (see above); outside, everything is as it was."""
+    if not _BATCHING or nn.Module.__call__ is not _sfx._orig_module_call \
+            or nn.Module.__getattr__ is not _sfx._orig_module_getattr:  # someone else patches: leave it be
+        yield
+        return
+    new_patcher = _sfx._new_patcher
+    nn.Module.__getattr__ = _forward_getattr  # type: ignore[method-assign]
+    nn.Module.__call__ = _forward_call  # type: ignore[method-assign]
+    _sfx._new_patcher = _slot_patcher
+    try:
+        yield
+    finally:
+        _sfx._new_patcher = new_patcher
+        nn.Module.__getattr__ = _sfx._orig_module_getattr  # type: ignore[method-assign]
+        nn.Module.__call__ = _sfx._orig_module_call  # type: ignore[method-assign]
+        _SLOTS.update({"__getattr__": None, "__call__": None})

@@ -254,13 +254,21 @@ def parallel_sum(ops: list[ConvOp]) -> tuple[ConvOp | None, str | None]:
     dil = ops[0].dilation
     size = tuple(max(op.kernel_size[a] + 2 * (big_p[a] - op.padding[a]) // dil[a] for op in ops)
                  for a in range(nd))
-    weight = torch.zeros((first.out_channels, first.in_channels // groups, *size), dtype=DT)
+    # one pass over the result: the first branch spanning the whole kernel is copied in (no zero fill, no
+    # zero kernel per branch as embed_kernel would make), every other one added into its window
+    full = next((op for op in ops if tuple(op.kernel_size) == size), None)
+    shape = (first.out_channels, first.in_channels // groups, *size)
+    weight = torch.empty(shape, dtype=DT) if full is not None else torch.zeros(shape, dtype=DT)
+    if full is not None:
+        weight.copy_(full.weight)
     bias = torch.zeros(first.out_channels, dtype=DT)
     for op in ops:
+        bias += op.bias
+        if op is full:
+            continue
         offset = tuple((big_p[a] - op.padding[a]) // dil[a] for a in range(nd))
         window = (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offset, op.kernel_size)))
-        weight[window] += op.weight  # embed_kernel, without a zero kernel per branch
-        bias += op.bias
+        weight[window] += op.weight
     return ConvOp(weight, bias, first.stride, big_p, dil, groups, mode), None
 
 
