@@ -3,25 +3,28 @@ is an affine function of. Reads only.
 
 Each builder here composes the lowered ops of `lowering` with the algebra of `kernels` (parallel sums,
 chains, a zero pad whose ring is refilled, reshapes that keep the last axis, constants per channel on
-axis 1 or on the last axis, as channels-last layer scales and biases next to a Linear); a composition that is not
-exact reports why (`Analysis.skip`). Nothing here knows any architecture.
+axis 1 or on the last axis, as channels-last layer scales and biases next to a Linear, layout-only steps such
+as permutes between an affine op and a layer (`layouts`), a child's affine end (`suffix`)); a composition that is
+not exact reports why (`Analysis.skip`). Nothing here knows any architecture.
 """
 
 from __future__ import annotations
 
 import math
-import operator
+from collections import ChainMap
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
 
-from . import effects as E
 from . import kernels as K
 from . import layouts as Y
 from . import lowering as L
-from .regions import site_label
+from . import suffix as S
+from .pads import filled_pad  # noqa: F401  (analysis calls it as candidates.filled_pad)
+from .reach import reached
+from .regions import folds_layer, site_label
 
 if TYPE_CHECKING:
     from .analysis import Analysis
@@ -38,37 +41,6 @@ def weight_budget(root: torch.nn.Module) -> int:
     """The most weights one candidate kernel may hold: CANDIDATE_WEIGHT_LIMIT × the largest layer's."""
     largest = max((t.numel() for t in root.parameters() if t.dim() >= 2), default=0)
     return CANDIDATE_WEIGHT_LIMIT * max(largest, 1 << 16)
-
-
-def filled_pad(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], base_cands: dict[fx.Node, L.Expr],
-                result: Analysis, path: str) -> dict[fx.Node, L.Expr]:
-    """`F.pad(y)` whose border is then overwritten in place with a per-channel constant c (DBB's
-    BNAndPadLayer) is ``pad0(y − c) + c``: exact after any op whose shift is c (a BN). Any other
-    in-place write makes the node opaque."""
-    shape = L._tensor_shape(values.get(x))
-    info = L.lower_function(node, list(node.args), dict(node.kwargs), shape) if shape else None
-    if info is None or info.kind != "pad" or info.op is None:
-        return {}
-    writes = [u for u in node.users if E.inplace_target(u) is node]
-    fill = border_fill(node, writes, info.op.padding, values)
-    if fill is None:
-        return {}
-    nd = info.op.nd
-    out: dict[fx.Node, L.Expr] = {}
-    for base, e in base_cands.items():
-        if e.partial or base is x or Y.has_layout(e):
-            continue
-        shifted, _ = K.compose(e.op, K.channel_affine(torch.ones_like(fill), -fill, nd))
-        tiny = shifted.bias.abs() <= 1e-12 * torch.maximum(fill.abs(), e.op.bias.abs()).clamp_min(1e-300)
-        shifted = replace(shifted, bias=torch.where(tiny, torch.zeros_like(shifted.bias), shifted.bias))
-        padded, reason = K.compose(shifted, info.op)
-        if padded is None:
-            result.skip(site_label(path, node), f"the pad ring is filled with a value that is not the shift before it "
-                                            f"({reason})")
-            continue
-        op, _ = K.compose(padded, K.channel_affine(torch.ones_like(fill), fill, nd))
-        out[base] = replace(e, op=op, nodes=e.nodes | {node} | set(writes), ops=e.ops + 1 + len(writes))
-    return out
 
 
 def through_layout(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any],
@@ -164,7 +136,7 @@ def _sum_terms(node: fx.Node, terms: list[tuple[fx.Node, float]], extra: frozens
         exprs = [c[base] for c in per_term]
         if any(e.partial for e in exprs):
             continue
-        if any(Y.has_layout(e) for e in exprs):
+        if any(Y.has_layout(e) or e.strips is not None for e in exprs):
             continue  # a term that goes through a layout op is no conv of the base on its own
         layout = next((e.op.nd for e in exprs if not e.op.is_identity), exprs[0].op.nd)
         exprs = [_in_layout(e, layout, values.get(base)) if e.op.is_identity else e for e in exprs]
@@ -240,11 +212,20 @@ def unary_info(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], constants:
 
 
 def _layout_info(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], result: Analysis) -> L.LeafInfo | None:
-    """A layout-only op (`layouts`), with an identity placeholder as its op."""
+    """A layout-only op (`layouts`), with an identity placeholder as its op; or a child whose whole forward
+    is one op with layout steps around it, which the parent writes anew (`layouts.lift`)."""
     step = Y.step_of(node, x, values, result.plans)
+    shape = values[x].shape
+    if step is None and node.op == "call_module":
+        plan = result.plans.get(id(node.graph.owning_module.get_submodule(node.target)))
+        e = getattr(plan, "layout_summary", None)
+        if e is None or node.args != (x,) or node.kwargs or (e.pre and e.pre[0].rank_in != len(shape)) \
+                or (not e.pre and e.op.in_channels != shape[1 if e.op.nd else -1]):
+            return None
+        return L.LeafInfo(e.op, "block", ops=e.ops, terms=e.terms, norms=e.norms, scales=e.scales, leaves=e.leaves,
+                          cost=e.cost, pre=Y.lift(e.pre, node.target), post=Y.lift(e.post, node.target))
     if step is None:
         return None
-    shape = values[x].shape
     return L.LeafInfo(K.identity_op(shape[1], len(shape) - 2), "layout", ops=0, terms=("identity",), layout=step)
 
 
@@ -265,8 +246,24 @@ def _affine_info(value: Any, shape: tuple[int, ...], affine: Any, kind: str, sca
 
 
 def extend(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node, L.Expr],
-            result: Analysis, path: str, values: dict[fx.Node, Any]) -> dict[fx.Node, L.Expr]:
-    """Candidates of `node = info(x)`: info composed after each candidate of x."""
+            result: Analysis, path: str, values: Any, rank: int | None = None) -> dict[fx.Node, L.Expr]:
+    """Candidates of `node = info(x)`: info composed after each candidate of x (`rank`: that of the value
+    info reads, when not x's own: after a child's layout steps). Where info is a layer and x a child call
+    with an affine end (`suffix`), the layer takes that end in, when it composes."""
+    out = _around(node, x, info, base_cands, result, path, values) if info.pre or info.post else \
+        _extend(node, x, info, base_cands, result, path, values, rank)
+    layer = info.layout is None and not info.op.is_diagonal and folds_layer(info.terms)
+    stripped = _stripped(node, x, result, path, values) if layer and rank is None and x in base_cands else None
+    if stripped is not None:
+        taken = _around(node, x, info, {x: stripped}, result, path, values) if info.pre or info.post else \
+            _extend(node, x, info, {x: stripped}, result, path, values, rank)
+        if x in taken:
+            out[x] = taken[x]
+    return out
+
+
+def _extend(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node, L.Expr],
+            result: Analysis, path: str, values: Any, rank: int | None) -> dict[fx.Node, L.Expr]:
     out: dict[fx.Node, L.Expr] = {}
     for base, e in base_cands.items():
         if e.partial or (info.partial and base is x):  # base x alone: the child's own business
@@ -278,7 +275,7 @@ def extend(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node
                 out[base] = moved
             continue
         if e.post:
-            _after_layout(node, x, base, e, info, out, result, path, values)
+            _after_layout(node, base, e, info, out, result, path, rank or values[x].dim())
             continue
         if e.op.is_identity:  # an identity takes the layout of the op applied to it
             e = _in_layout(e, info.op.nd, _start(e, base, values))
@@ -299,16 +296,50 @@ def extend(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node
             continue
         out[base] = L.Expr(op, e.nodes | {node}, e.ops + info.ops, _chain_terms(e.terms, info),
                            e.norms + info.norms, e.scales + info.scales, e.leaves + info.leaves, cost,
-                           partial=info.partial, pre=e.pre)
+                           partial=info.partial, pre=e.pre, strips=e.strips)
     return _cap(out)
 
 
-def _after_layout(node: fx.Node, x: fx.Node, base: fx.Node, e: L.Expr, info: L.LeafInfo,
-                  out: dict[fx.Node, L.Expr], result: Analysis, path: str, values: dict[fx.Node, Any]) -> None:
+def _stripped(node: fx.Node, x: fx.Node, result: Analysis, path: str, values: Any) -> L.Expr | None:
+    """x's affine suffix as an expression of x's value without it, when `node` is x's only reader."""
+    if x.op != "call_module" or set(x.users) != {node} or not isinstance(values.get(x), torch.Tensor):
+        return None
+    found = S.chain(x.graph.owning_module.get_submodule(x.target), result.plans)
+    if found is None:
+        return None
+    for rel, link in found[0][:-1]:  # a module its suffix comes through, left as Python, must not read inside
+        r = reached(link.module)
+        if r.keep or r.subtrees:
+            where = f"{x.target}.{rel}" if rel else str(x.target)
+            result.skip(site_label(path, node), f"the affine end of '{x.target}' stays: the Python forward of "
+                        f"'{where}' reads inside its children")
+            return None
+    e = found[1].expr
+    return L.Expr(e.op, frozenset(), e.ops, ("identity",), e.norms, e.scales, e.leaves, e.cost, strips=e.op)
+
+
+def _around(node: fx.Node, x: fx.Node, info: L.LeafInfo, base_cands: dict[fx.Node, L.Expr], result: Analysis,
+            path: str, values: Any) -> dict[fx.Node, L.Expr]:
+    """A child that is steps, an op, steps (`_layout_info`): each candidate of x through all three."""
+    value, seen = values.get(x), {}
+    for s in info.pre:  # the values the child's steps had (for the identity's channels)
+        value = seen[s.node] = s.apply(value)
+    view = ChainMap(seen, values)
+    exprs = dict(base_cands)
+    for s in info.pre:
+        exprs = {b: m for b, e in exprs.items() if not e.partial and (m := Y.through(e, s, view[s.node])) is not None}
+    exprs = _extend(node, x, replace(info, pre=(), post=()), exprs, result, path, view, value.dim())
+    for s in info.post:
+        exprs = {b: m for b, e in exprs.items() if (m := Y.through(e, s, values.get(node))) is not None}
+    return exprs
+
+
+def _after_layout(node: fx.Node, base: fx.Node, e: L.Expr, info: L.LeafInfo, out: dict[fx.Node, L.Expr],
+                  result: Analysis, path: str, rank: int) -> None:
     """`info` after `e`, which ends in layout steps (a Linear → permute, then a BN2d)."""
     if info.partial:
         return
-    op, pre, post, reason = Y.compose_after(e, info.op, info.last_axis, values[x].dim())
+    op, pre, post, reason = Y.compose_after(e, info.op, info.last_axis, rank)
     if op is None:
         if reason and not e.op.is_identity:
             result.skip(site_label(path, node), reason)
@@ -317,7 +348,7 @@ def _after_layout(node: fx.Node, x: fx.Node, base: fx.Node, e: L.Expr, info: L.L
         return
     cost = e.cost + info.input_cost() / math.prod(e.op.stride)
     out[base] = L.Expr(op, e.nodes | {node}, e.ops + info.ops, _chain_terms(e.terms, info), e.norms + info.norms,
-                       e.scales + info.scales, e.leaves + info.leaves, cost, pre=pre, post=post)
+                       e.scales + info.scales, e.leaves + info.leaves, cost, pre=pre, post=post, strips=e.strips)
 
 
 def _too_large(size: int, result: Analysis) -> str:
@@ -336,39 +367,3 @@ def _chain_terms(terms: tuple[str, ...], info: L.LeafInfo) -> tuple[str, ...]:
         return (after,)
     before = terms[0] if len(terms) == 1 else f"({'+'.join(terms)})"
     return (f"{before}→{after}",)
-
-
-def border_fill(node: fx.Node, writes: list[fx.Node], pads: tuple[int, ...], values: dict[fx.Node, Any],
-                ) -> torch.Tensor | None:
-    """If the in-place `writes` on `node` (a zero-padded tensor) fill exactly its padded border with one
-    per-channel constant, at every input size, that constant as a [C] vector (DBB's BNAndPadLayer); else
-    None. Each write must index relative to the ends (`t[:, :, :p]`, `t[..., -p:]`), and the rings it fills
-    must match at the recorded size and one larger size (with such indices, then at every size)."""
-    value = values.get(node)
-    if not isinstance(value, torch.Tensor) or not writes or any(w.target is not operator.setitem for w in writes):
-        return None
-    fill: torch.Tensor | None = None
-    indices = []
-    for w in writes:
-        v = values.get(w.args[2]) if isinstance(w.args[2], fx.Node) else w.args[2]
-        c = L.channel_constant(v, tuple(value.shape))
-        if c is None or (fill is not None and not torch.equal(c, fill)):
-            return None
-        fill = c
-        index = L.full_index(w.args[1], value.dim())
-        if index is None or any(L.slice_form(sl) is None for sl in index):
-            return None
-        indices.append(index)
-    for grow in (0, 1):
-        shape = (1, 1, *(n + grow for n in value.shape[2:]))
-        mask = torch.zeros(shape, dtype=torch.bool)
-        try:
-            for index in indices:
-                mask[(slice(None), slice(None), *index[2:])] = True
-        except (IndexError, TypeError):
-            return None
-        ring = torch.ones(shape, dtype=torch.bool)
-        ring[(slice(None), slice(None), *(slice(p, size - p) for p, size in zip(pads, shape[2:])))] = False
-        if not torch.equal(mask, ring):
-            return None
-    return fill

@@ -37,6 +37,9 @@ class LayoutStep:
     node: fx.Node
     axes: tuple[int | None, ...]
     module: Any = None  # the child module a call_module step runs (its whole forward is layout ops)
+    # None: `node` is in the graph that uses the step; else the dotted path of the child whose graph holds it
+    # (a step of a child's forward, lifted into its parent, which writes it anew: `rewrite`)
+    where: str | None = None
 
     @property
     def rank_in(self) -> int:
@@ -117,6 +120,11 @@ def step_of(node: fx.Node, x: fx.Node, values: dict[fx.Node, Any], plans: dict[i
     return step if same else None
 
 
+def lift(steps: tuple[LayoutStep, ...], child: str) -> tuple[LayoutStep, ...]:
+    """The steps of child `child`'s forward, as its parent uses them."""
+    return tuple(replace(s, where=f"{child}.{s.where}" if s.where else child) for s in steps)
+
+
 def compose_axes(steps: tuple[LayoutStep, ...]) -> tuple[int | None, ...]:
     return tuple(map_axis(steps, i) for i in range(steps[0].rank_in))
 
@@ -148,7 +156,8 @@ def has_layout(expr: L.Expr) -> bool:
 
 
 def layout_nodes(expr: L.Expr) -> set[fx.Node]:
-    return {s.node for s in (*expr.pre, *expr.post)}
+    """The nodes of `expr`'s own graph that are layout steps (not those of a child it took in)."""
+    return {s.node for s in (*expr.pre, *expr.post) if s.where is None}
 
 
 def through(e: L.Expr, step: LayoutStep, value: Any) -> L.Expr | None:
@@ -157,7 +166,7 @@ def through(e: L.Expr, step: LayoutStep, value: Any) -> L.Expr | None:
     axis with others, nothing after it folds in: `compose_after` says why)."""
     if e.partial or not isinstance(value, torch.Tensor) or value.dim() < 2:
         return None
-    nodes = e.nodes | {step.node}
+    nodes = e.nodes | {step.node} if step.where is None else e.nodes  # (a child's step: its call is the node)
     if e.op.is_identity and not e.post:
         return replace(e, op=K.identity_op(value.shape[1], value.dim() - 2), nodes=nodes, pre=(*e.pre, step))
     return replace(e, nodes=nodes, post=(*e.post, step))

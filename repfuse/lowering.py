@@ -52,6 +52,9 @@ class Expr:
     # in the deploy graph, on their side of the fused layer: value = post(op(pre(base)))
     pre: tuple[LayoutStep, ...] = ()
     post: tuple[LayoutStep, ...] = ()
+    # `base` is a child call whose affine suffix (`suffix.Suffix`, a GRN's trailing bias) `op` takes over:
+    # `op` reads the child's value without it (this op), and the rewrite strips it from the child
+    strips: ConvOp | None = None
 
 
 def op_cost(op: ConvOp) -> float:
@@ -77,6 +80,9 @@ class LeafInfo:
     # the layout of the op before it decides which one composes
     last_axis: ConvOp | None = None
     layout: LayoutStep | None = None  # a layout-only op (kind "layout"; `op` is an identity placeholder)
+    # a child whose whole forward is pre-steps, `op`, post-steps (UniRepLKNet's Linear → NHWCtoNCHW → BN)
+    pre: tuple[LayoutStep, ...] = ()
+    post: tuple[LayoutStep, ...] = ()
 
     def input_cost(self) -> float:
         return self.cost if self.cost is not None else op_cost(self.op) if self.op is not None else 0.0

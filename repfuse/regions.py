@@ -26,6 +26,7 @@ from . import effects as E
 from . import kernels as K
 from . import layouts as Y
 from . import lowering as L
+from . import suffix as S
 from .graph import CallRecord, Replay
 from .kernels import ConvOp
 from .modules import UnsupportedProgram, graph_to_program
@@ -71,6 +72,11 @@ class ModulePlan:
     strip_prefix: bool = False  # set by apply when the parent folded the prefix in
     note: str = ""
     layout: tuple[Y.LayoutStep, ...] = ()  # the whole forward is these layout-only ops (a permute module)
+    layout_summary: L.Expr | None = None  # the whole forward is one op with layout steps around it
+    suffix: S.Suffix | None = None  # its affine end, which a parent may fold into the op after the call
+    tail: fx.Node | None = None  # its forward ends in this child call (whose suffix it hands on)
+    strip_suffix: bool = False  # set by apply when a parent folded the suffix in
+    consumed: bool = False  # set by apply when a parent took in its whole forward (layout_summary)
 
 
 Cands = dict[fx.Node, dict[fx.Node, L.Expr]]
@@ -121,7 +127,10 @@ def choose_regions(plan: ModulePlan, cands: Cands, ctx: Context) -> None:
                 target = ctx.output_value(y)
                 if expr.partial:
                     target = ctx.prefix_values.get(id(plan.gm.get_submodule(y.target)))
-                error, problem = self_check(expr, ctx.values.get(base), target)
+                x = ctx.values.get(base)
+                if expr.strips is not None and isinstance(x, torch.Tensor):
+                    x = S.unapply(expr.strips, x)
+                error, problem = self_check(expr, x, target)
             if problem:
                 if i == 0:
                     ctx.skip(site_label(plan.path, y), problem)
@@ -165,8 +174,9 @@ def common_dtype(nodes: set[fx.Node] | frozenset[fx.Node], replay: Replay,
 
 
 def _single_child(expr: L.Expr) -> bool:
-    """The region is one child call: the child is collapsed in place instead (its parent keeps its class)."""
-    return len(expr.nodes) == 1 and next(iter(expr.nodes)).op == "call_module"
+    """The region is one child call: the child is collapsed in place instead (its parent keeps its class),
+    unless the region also takes in the affine end of the child before it (`suffix`)."""
+    return len(expr.nodes) == 1 and next(iter(expr.nodes)).op == "call_module" and expr.strips is None
 
 
 SELF_CHECK_CHANNELS = 16  # output channels (or groups) a self-check computes; the end-to-end check sees all
@@ -283,8 +293,15 @@ def summarise(plan: ModulePlan, cands: Cands, ctx: Context, rec: CallRecord) -> 
         return
     expr = cands.get(y, {}).get(x)
     if expr is not None and Y.has_layout(expr):  # never one op: the layout steps stay
-        if expr.op.is_identity and not expr.post and compute <= expr.nodes and not rec.mutates:
+        whole = compute <= expr.nodes and not rec.mutates and not (expr.nodes & ctx.replay.mutated)
+        if whole and expr.op.is_identity and not expr.post:
             plan.layout = expr.pre  # a module that only moves axes (NHWCtoNCHW): a layout step for its parent
+            return
+        if whole and not expr.partial and expr.strips is None \
+                and common_dtype(expr.nodes | {x}, ctx.replay)[1] is None \
+                and self_check(expr, ctx.values.get(x), ctx.values.get(y))[1] is None:
+            plan.layout_summary = expr  # Linear → NHWCtoNCHW → BN: one op and steps, for its parent
+            return
         expr = None
     if expr is not None and not expr.partial and compute <= expr.nodes and not (expr.nodes & ctx.replay.mutated):
         dtype, problem = common_dtype(expr.nodes | {x}, ctx.replay)
@@ -293,6 +310,7 @@ def summarise(plan: ModulePlan, cands: Cands, ctx: Context, rec: CallRecord) -> 
             plan.summary, plan.summary_error, plan.summary_dtype = expr, error, dtype
             return
     plan.prefix = find_prefix(plan, cands, x, ctx)
+    S.find_suffix(plan, cands, ctx, rec, outside_reader)
 
 
 def find_prefix(plan: ModulePlan, cands: Cands, x: fx.Node, ctx: Context) -> Prefix | None:

@@ -2,8 +2,10 @@
 
 Top-down: a module whose whole forward is one op becomes one conv in its parent (which keeps its
 class); a module with fused regions becomes a `GraphBlock` (its untouched children keep their
-names); a module whose prefix a parent folded in loses that prefix; everything else is left
-exactly as it was.
+names); a module whose prefix a parent folded in loses that prefix; one whose suffix a parent folded
+in loses it as the parent is written (`suffix`); a child whose whole forward a parent took in keeps only
+the layout modules the parent's graph still calls (`rewrite_steps`); everything else is left exactly as
+it was.
 
 Code that stays decides what else must stay (DESIGN §3, *Effects*): a module left as Python keeps
 running all of its forward, also the branches no recorded forward took, so every child that code
@@ -14,7 +16,6 @@ rewritten graph still reads (`self.branch.conv(x)` in a GraphBlock). A node with
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +27,11 @@ from . import effects as E
 from . import kernels as K
 from . import layouts as Y
 from . import lowering as L
+from . import rewrite_steps as W
+from . import suffix as S
 from .analysis import COST_SLACK, Analysis, DtypeMap, ModulePlan, Region, analyse, site_label
+from .copies import cast_copy, count_layers, float64_copy
 from .kernels import ConvOp
-from .leftovers import count_kinds
 from .modules import SHADOWABLE, GraphBlock, UnsupportedProgram, carried, graph_to_program
 from .reach import reached
 from .regions import adds_layer
@@ -62,6 +65,8 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
             return
         seen.add(id(m))
         plan = analysis.plans.get(id(m))
+        if plan is not None and plan.consumed:  # a parent took its forward in: only its layout modules are left
+            return
         stays = frozen.holds(path)
         if plan is not None and plan.gm is not None:  # what its graph reads inside its children stays
             frozen.graph_reads(path, plan.gm.graph)
@@ -76,7 +81,7 @@ def apply(root: nn.Module, analysis: Analysis, dtypes: DtypeMap, default: torch.
             sites.append(_site(path, plan.summary, layer, before, plan.summary_error))
             return
         rewritten = False
-        if not stays and plan is not None and (plan.regions or plan.strip_prefix):
+        if not stays and plan is not None and (plan.regions or plan.strip_prefix or plan.strip_suffix):
             try:
                 m = _to_graph_block(plan, path, analysis, dtypes, default, sites, frozen)
             except UnsupportedProgram as exc:
@@ -226,10 +231,21 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         for n in sorted(inner, key=_order(graph), reverse=True):
             graph.erase_node(n)
         consumed_modules.extend(sorted({n.target for n in inner if n.op == "call_module"}))
+    if plan.strip_suffix and plan.suffix is not None:  # a parent folded it into the op after the call
+        end = plan.suffix.expr.nodes
+        out = next(n for n in graph.nodes if n.op == "output")
+        out.replace_input_with(out.args[0], plan.suffix.start)
+        for n in sorted(end, key=_order(graph), reverse=True):
+            graph.erase_node(n)
+        consumed_modules.extend(sorted({n.target for n in end if n.op == "call_module"}))
+        gone = {site_label(path, n) for n in end}  # no longer "left as it is": the parent folded it
+        analysis.skipped[:] = [s for s in analysis.skipped if s.module not in gone]
     regions = [r for r in regions if not _touches_frozen(r, path, frozen, analysis)]
+    suffixed: list[tuple[str, ModulePlan, str]] = []  # children whose suffix a region takes over (and its layer)
     names = _fused_names(m, len(regions))
     strips: list[ModulePlan] = []  # children whose prefix a region takes over (marked once the block exists)
     new_layers: list[tuple[str, nn.Module, Region, int]] = []
+    keep: set[str] = set()  # modules of children taken in that the new graph still calls (their layout steps)
     for region, name in zip(regions, names):
         base = region.base
         while base in replaced:
@@ -238,6 +254,10 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         steps = Y.layout_nodes(region.expr)  # layout-only ops: they stay, on their side of the new layer
         targets = sorted({n.target for n in region.expr.nodes
                           if n.op == "call_module" and n is not kept and n not in steps})
+        keep |= W.step_modules((*region.expr.pre, *region.expr.post))
+        if region.expr.strips is not None:
+            links, _ = S.chain(m.get_submodule(region.base.target), analysis.plans)
+            suffixed.append((_join(str(region.base.target), links[-1][0]), links[-1][1], name))
         sources = [m.get_submodule(t) for t in targets]
         if kept is not None:
             sources.append(m.get_submodule(kept.target))
@@ -245,8 +265,9 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
         layer = materialise(region.expr.op, (region.dtype or dtype, device), dtypes)
         before = sum(_count_params(m.get_submodule(t)) for t in targets)
         gm.add_submodule(name, layer)  # so fx's lint sees the target
-        if steps:
-            replaced[region.output] = _write_with_layout(graph, region, name, base)
+        if Y.has_layout(region.expr):
+            replaced[region.output] = W.write_with_layout(graph, region.expr.pre, region.expr.post, region.output,
+                                                          name, base)
         elif kept is None:
             with graph.inserting_after(region.output):
                 new = graph.create_node("call_module", name, (base,))
@@ -261,7 +282,7 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
             with graph.inserting_before(kept):
                 new = graph.create_node("call_module", name, (base,))
             kept.args = (new,)
-        for n in sorted(region.expr.nodes - {kept} - steps, key=_order(graph), reverse=True):
+        for n in sorted(region.expr.nodes - {kept}, key=_order(graph), reverse=True):
             graph.erase_node(n)
         consumed_modules.extend(targets)
         new_layers.append((name, layer, region, before))
@@ -272,6 +293,21 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
     graph.lint()
     # the only step that may still refuse (UnsupportedProgram): nothing outside the graph has changed yet
     block = GraphBlock(graph_to_program(graph), source_class=type(m).__qualname__)
+    # children that lose their suffix: written (and checked storable) before anything outside changes
+    stripped, suffix_params = [], {}
+    try:
+        for target, child_plan, layer_name in suffixed:
+            child_plan.strip_suffix = True
+            had = _count_params(child_plan.module)
+            new_child = _to_graph_block(child_plan, _join(path, target), analysis, dtypes, default, sites, frozen)
+            stripped.append((target, new_child))
+            suffix_params[layer_name] = suffix_params.get(layer_name, 0) + had - _count_params(new_child)
+    except UnsupportedProgram:
+        for _, child_plan, _ in suffixed:
+            child_plan.strip_suffix = False
+        raise
+    for target, new_child in stripped:
+        W.set_submodule(m, target, new_child)
     for child_plan in strips:
         child_plan.strip_prefix = True
     attr_params = 0
@@ -288,7 +324,10 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
     for name, child in m._modules.items():
         block.add_module(name, child)
     for t in consumed_modules:
-        _delete_module(block, t)
+        if any(k.startswith(f"{t}.") for k in keep):  # a child taken in whose layout modules stay
+            W.prune(block, t, keep, analysis.plans)
+        else:
+            _delete_module(block, t)
     for name, p in m._parameters.items():
         block.register_parameter(name, p)
     for name, b in m._buffers.items():
@@ -304,34 +343,10 @@ def _to_graph_block(plan: ModulePlan, path: str, analysis: Analysis, dtypes: Dty
     prefix = f"{path}." if path else ""
     for i, (name, layer, region, before) in enumerate(new_layers):
         block.add_module(name, layer)
-        sites.append(_site(prefix + name, region.expr, layer, before + (attr_params if i == 0 else 0),
-                           region.error))
+        sites.append(_site(prefix + name, region.expr, layer,
+                           before + (attr_params if i == 0 else 0) + suffix_params.get(name, 0), region.error))
     keep_attributes(m, block)
     return block
-
-
-def _write_with_layout(graph: fx.Graph, region: Region, name: str, base: fx.Node) -> fx.Node:
-    """``post(layer(pre(base)))``: the region's layout steps stay as they were, chained around the new
-    layer (the affine ops between them are gone). Returns the node that now holds the region's value."""
-    pre = [s.node for s in region.expr.pre]
-    post = [s.node for s in region.expr.post]
-    source = base
-    for n in pre:
-        n.args = (source, *n.args[1:])
-        source = n
-    if post:
-        with graph.inserting_before(post[0]):
-            new = graph.create_node("call_module", name, (source,))
-    else:
-        with graph.inserting_after(region.output):
-            new = graph.create_node("call_module", name, (source,))
-    source = new
-    for n in post:
-        n.args = (source, *n.args[1:])
-        source = n
-    if source is not region.output:
-        region.output.replace_all_uses_with(source)
-    return source
 
 
 def _touches_frozen(region: Region, path: str, frozen: Frozen, analysis: Analysis) -> bool:
@@ -342,7 +357,25 @@ def _touches_frozen(region: Region, path: str, frozen: Frozen, analysis: Analysi
             analysis.skip(site_label(path, region.output), f"'{n.target}' must stay as it is: "
                           f"{frozen.why(_join(path, str(n.target)))}")
             return True
+    if region.expr.strips is not None:
+        return _suffix_frozen(region, path, frozen, analysis)
     return False
+
+
+def _suffix_frozen(region: Region, path: str, frozen: Frozen, analysis: Analysis) -> bool:
+    """Can the children a region's suffix comes through not change (kept, or read by code that stays)?"""
+    owner = region.base.graph.owning_module
+    found = S.chain(owner.get_submodule(region.base.target), analysis.plans)
+    why = None if found is not None else "its affine end is no longer there"
+    for i, (rel, link) in enumerate(found[0] if found is not None else []):
+        where = _join(path, _join(str(region.base.target), rel))
+        if why is None and frozen.holds(where):
+            why = frozen.why(where)
+        if why is None and i + 1 < len(found[0]) and reached(link.module).keep | reached(link.module).subtrees:
+            why = f"the Python forward of '{where}' reads inside it"
+    if why is not None:
+        analysis.skip(site_label(path, region.output), f"the affine end of '{region.base.target}' must stay: {why}")
+    return why is not None
 
 
 def _order(graph: fx.Graph) -> Any:
@@ -377,46 +410,3 @@ def _delete_module(root: nn.Module, target: str) -> None:
             chain[depth - 1]._modules.pop(parts[depth - 1], None)
         else:
             break
-
-
-def float64_copy(model: nn.Module) -> tuple[nn.Module, DtypeMap]:
-    """A deep copy of `model` whose floating parameters and buffers are float64 (what
-    ``deepcopy(model).double()`` gives, without the intermediate copy in the model's own dtype), and the
-    dtype every tensor of the copy had before, keyed by its owner module in the copy and its name (ids of
-    tensors do not survive the rewrite, which replaces modules)."""
-    memo: dict[int, Any] = {}
-    for m in model.modules(remove_duplicate=False):
-        for p in m._parameters.values():
-            if p is not None and p.is_floating_point() and id(p) not in memo:
-                memo[id(p)] = nn.Parameter(p.detach().double(), requires_grad=p.requires_grad)
-        for b in m._buffers.values():
-            if b is not None and b.is_floating_point() and id(b) not in memo:
-                memo[id(b)] = b.double()
-    work = copy.deepcopy(model, memo)
-    dtypes = {(id(w), name): t.dtype
-              for o, w in zip(model.modules(remove_duplicate=False), work.modules(remove_duplicate=False))
-              for store in (o._parameters, o._buffers) for name, t in store.items() if t is not None}
-    return work, dtypes
-
-
-def cast_copy(model: nn.Module, dtypes: DtypeMap) -> nn.Module:
-    """A deep copy of the float64 `model` with every tensor back in the dtype it had before the float64
-    working copy (`dtypes`); `model` itself stays float64 (the twin the exactness check runs)."""
-    memo: dict[int, Any] = {}
-    for m in model.modules(remove_duplicate=False):
-        for store in (m._parameters, m._buffers):
-            for name, t in store.items():
-                dtype = dtypes.get((id(m), name))
-                if t is None or dtype is None or t.dtype == dtype or id(t) in memo:
-                    continue
-                cast = t.detach().to(dtype)
-                memo[id(t)] = nn.Parameter(cast, requires_grad=t.requires_grad) if store is m._parameters else cast
-    return copy.deepcopy(model, memo)
-
-
-def count_layers(model: nn.Module) -> tuple[int, int]:
-    """(conv and linear layers, normalisation layers) in a model (see leftovers.count_kinds)."""
-    kinds = count_kinds(model)
-    return kinds["convs"] + kinds["linears"], kinds["norms"]
-
-

@@ -123,12 +123,15 @@ def assert_adds_nothing(original: nn.Module, deploy: nn.Module, shape: tuple[int
     assert macs(deploy, shape) <= macs(original, shape), deploy
 
 
-def test_channels_first_layernorm_affine_is_not_a_new_conv() -> None:
-    # before: the LayerNorm's `weight * x + bias` became a depthwise 1×1 conv (one more conv, more MACs)
+def test_channels_first_layernorm_affine_is_not_a_new_conv_and_folds_into_pwconv1() -> None:
+    # once: the LayerNorm's `weight * x + bias` became a depthwise 1×1 conv (one more conv, more MACs); then it
+    # stayed; now, the affine end of the `norm` module, it folds through pwconv1's permute into its Linear
     model = UniRepLKNetBlock(norm="ln")
-    res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64, keep=("norm",))
+    res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
     assert_adds_nothing(model, res.model)
-    assert any("would add a layer" in r for m, r in skipped_reasons(res).items() if m.startswith("norm."))
+    keys = set(res.model.state_dict())
+    assert "norm.weight" not in keys and "norm.bias" not in keys, keys
+    assert sum(isinstance(m, ToNHWC) for m in res.model.modules()) == 1
 
 
 def test_bn_block_fuses_dwconv_and_norm_and_adds_nothing() -> None:
@@ -222,3 +225,61 @@ def test_an_affine_module_next_to_a_conv_still_folds() -> None:
     model = nn.Sequential(nn.Conv2d(D, D, 3, padding=1), Affine(D), nn.BatchNorm2d(D))
     res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=0, dtype=torch.float64)
     assert_adds_nothing(model, res.model)
+
+
+def test_grn_bias_and_layer_scale_in_other_modules_fold_into_pwconv2() -> None:
+    # the upstream layout: the GRN's `+ beta` ends `act` (a child's child), the layer scale is in the parent's
+    # forward after `pwconv2` (Linear → NHWCtoNCHW → BN): all of them go into one Linear, as upstream's
+    # reparameterize does by hand (before: both stayed, as parameters of the deploy model)
+    model = UniRepLKNetBlock(norm="bn")
+    res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
+    assert_adds_nothing(model, res.model)
+    keys = set(res.model.state_dict())
+    assert "gamma" not in keys and "act.1.beta" not in keys, keys
+    assert "act.1.gamma" in keys  # the GRN itself is not affine
+    assert sum(isinstance(m, ToNCHW) for m in res.model.modules()) == 1
+
+
+def test_a_grn_read_twice_keeps_its_bias() -> None:
+    class ReadTwice(UniRepLKNetBlock):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.act(self.pwconv1(self.norm(self.dwconv(x))))
+            return x + self.gamma.view(1, -1, 1, 1) * self.pwconv2(h) + h.mean(-1).unsqueeze(1)
+
+    model = ReadTwice(norm="bn")
+    res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
+    assert_adds_nothing(model, res.model)
+    keys = set(res.model.state_dict())
+    assert "act.1.beta" in keys and "gamma" not in keys, keys
+
+
+def test_a_suffix_inside_a_child_whose_code_reads_it_stays() -> None:
+    class Act(nn.Module):  # its Python reads inside its GRN: the GRN must stay exactly as it is
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.grn = GRN(dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:  # never taken in eval, but this code stays and reads the GRN's bias
+                return self.grn(x) - self.grn.beta
+            return self.grn(nn.functional.gelu(x))
+
+    model = UniRepLKNetBlock(norm="bn")
+    model.act = Act(4 * D)
+    res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
+    assert_adds_nothing(model, res.model)
+    keys = set(res.model.state_dict())
+    assert "act.grn.beta" in keys and "gamma" not in keys, keys  # the layer scale still folds
+    reasons = skipped_reasons(res)
+    assert any("affine end of 'act' stays" in r for r in reasons.values()), reasons
+
+
+def test_grn_bias_folds_into_pwconv2_without_a_layer_scale() -> None:
+    class NoScale(UniRepLKNetBlock):  # layer_scale_init_value=None upstream: the region is pwconv2 alone
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)))))
+
+    model = NoScale(norm="bn")
+    res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
+    assert_adds_nothing(model, res.model)
+    assert "act.1.beta" not in set(res.model.state_dict())

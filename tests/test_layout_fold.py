@@ -73,11 +73,13 @@ def test_the_upstream_sequential_form_folds_and_keeps_the_permute_module() -> No
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x + self.pwconv2(nn.functional.gelu(self.pwconv1(x)))
 
-    model = Block()
-    res = fuse_checked(model, SHAPE, convs=0, norms=0, linears=2, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
-    assert sum(isinstance(m, ToNCHW) for m in res.model.modules()) == 1
-    assert sum(isinstance(m, ToNHWC) for m in res.model.modules()) == 1
+    for dtype in (torch.float64, torch.float16):  # fp16: the fused Linear is cast back, the permutes stay
+        model = Block()
+        res = fuse_checked(model, SHAPE, convs=0, norms=0, linears=2, dtype=dtype)
+        assert_adds_nothing(model, res.model)
+        assert sum(isinstance(m, ToNCHW) for m in res.model.modules()) == 1
+        assert sum(isinstance(m, ToNHWC) for m in res.model.modules()) == 1
+        assert {p.dtype for p in res.model.parameters()} == {dtype}
 
 
 def test_bn_before_a_permute_folds_into_the_linear_after_it() -> None:
@@ -228,3 +230,20 @@ def test_a_shared_permute_module_stays_for_both_uses() -> None:
     res = fuse_checked(model, SHAPE, convs=0, norms=0, linears=2, dtype=torch.float64)
     assert_adds_nothing(model, res.model)
     assert count(res.model, BNS) == 0 and count(res.model, ToNCHW) == 1
+
+
+def test_a_bn_folds_into_a_child_that_permutes_then_applies_a_linear() -> None:
+    class Block(nn.Module):  # BN in the parent, the permute and the Linear in a child (UniRepLKNet's pwconv1)
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm2d(D)
+            self.pwconv1 = nn.Sequential(ToNHWC(), nn.Linear(D, 2 * D))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pwconv1(self.norm(torch.relu(x))).permute(0, 3, 1, 2)
+
+    model = Block()
+    res = fuse_checked(model, SHAPE, convs=0, norms=0, linears=1, dtype=torch.float32)
+    assert_adds_nothing(model, res.model)
+    assert count(res.model, ToNHWC) == 1
+    assert [set(s.branches) for s in res.sites] == [{"norm", "pwconv1.1"}]
