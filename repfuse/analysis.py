@@ -29,6 +29,7 @@ from torch import nn
 from . import candidates as C
 from . import effects as E
 from . import graph as G
+from . import kernels as K
 from . import lowering as L
 from . import regions as R
 from .dtypes import Float64Mode, Shadows
@@ -88,6 +89,21 @@ def _analyse_all(todo: list[tuple[str, nn.Module]], result: Analysis, mode: Floa
             if id(child) in result.records:
                 G.release(result.records[id(child)])
             result.prefix_values.pop(id(child), None)
+            _release_kernels(result, child)
+
+
+def _release_kernels(result: Analysis, child: nn.Module) -> None:
+    """A child's kernels built on demand (kernels.ScaledOp): its parent has taken them in, so they are
+    dropped (and built again only if the rewrite writes the child after all)."""
+    leaf = result.leaves.get(id(child))
+    if leaf is not None:
+        K.release(leaf.op)
+    plan = result.plans.get(id(child))
+    if plan is not None:
+        for region in plan.regions:
+            K.release(region.expr.op)
+        if plan.summary is not None:
+            K.release(plan.summary.op)
 
 
 def _shadows(root: nn.Module, inputs: tuple[Any, ...], dtypes: DtypeMap | None) -> Shadows:

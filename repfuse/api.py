@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -72,7 +73,7 @@ class FuseResult:
     """What `fuse` returns: the deploy model and everything the report needs."""
 
     model: nn.Module
-    fused64: nn.Module  # the deploy model with float64 weights (for the exactness check)
+    fused64: nn.Module | None  # the deploy model with float64 weights (for the exactness check)
     sites: list[FusionSite]
     skipped: list[SkippedSite]
     notes: dict[str, str]
@@ -152,7 +153,8 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
             runs.put(model, at, seed, recorded.output, float64=True)
     with clock.stage("fuse", "fusing"):
         applied = rewrite.apply(work, analysis, dtypes, verify.model_dtype(model))
-        analysis.records, analysis.plans = {}, {}  # the recorded activations and graphs: done with
+        analysis.records, analysis.plans, analysis.leaves = {}, {}, {}  # activations, graphs, ops: done with
+        gc.collect()  # traced graphs hold reference cycles: free what they held before the deploy copy is made
         fused64 = applied.model
         deploy = rewrite.cast_copy(fused64, dtypes)
     skipped = leftovers.live_skips(analysis.skipped, applied.sites, applied.model)
@@ -291,9 +293,9 @@ def map_to_deploy_model(result: FuseResult, dtype: torch.dtype, options: Options
     km = keymap.map_to_deploy(user, result.model, inputs)
     user.load_state_dict(km.state_dict, strict=True)
     # the float64 twin: the same mapping applied to the fused model's float64 weights
-    f64 = result.fused64.state_dict()
+    f64 = result.fused64.state_dict() if result.fused64 is not None else {}
     user64: nn.Module | None = None
-    if all(v in f64 for v in km.mapping.values()):
+    if f64 and all(v in f64 for v in km.mapping.values()):
         user64 = copy.deepcopy(user).double()
         state64 = {k: (f64[km.mapping[k]] if k in km.mapping else torch.zeros_like(t))
                    for k, t in user64.state_dict().items()}
@@ -356,6 +358,9 @@ def convert_file(src: Path, dst: Path, options: Options, progress: Progress | No
     clock = _Clock(progress)
     loaded = _load(src, options, clock)
     report, result, deployed = _fuse_and_verify(loaded, options, "convert", clock, progress)
+    deployed = replace(deployed, model64=None)  # the float64 twins served the verification: not kept to the end
+    result = replace(result, fused64=None)
+    gc.collect()  # modules hold reference cycles: free the twin's memory now, not at some later collection
     report = replace(report, strict=options.strict)
     if not report.verification or (not report.verification.passed and not options.force):
         raise VerificationFailed(report)

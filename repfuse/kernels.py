@@ -41,20 +41,24 @@ class ConvOp:
     padding_mode: str = "zeros"
 
     @property
+    def weight_shape(self) -> torch.Size:
+        return self.weight.shape
+
+    @property
     def nd(self) -> int:
-        return self.weight.dim() - 2
+        return len(self.weight_shape) - 2
 
     @property
     def kernel_size(self) -> Ints:
-        return tuple(self.weight.shape[2:])
+        return tuple(self.weight_shape[2:])
 
     @property
     def out_channels(self) -> int:
-        return self.weight.shape[0]
+        return self.weight_shape[0]
 
     @property
     def in_channels(self) -> int:
-        return self.weight.shape[1] * self.groups
+        return self.weight_shape[1] * self.groups
 
     @property
     def is_pointwise(self) -> bool:
@@ -74,7 +78,58 @@ class ConvOp:
         return self.is_pointwise and self.groups == self.out_channels == self.in_channels
 
     def num_params(self, with_bias: bool = True) -> int:
-        return self.weight.numel() + (self.bias.numel() if with_bias else 0)
+        return math.prod(self.weight_shape) + (self.bias.numel() if with_bias else 0)
+
+
+class ScaledOp(ConvOp):
+    """A conv followed by a per-channel scale (conv → BN), whose weight ``base · scale[c_out]`` is built
+    when first read and kept until `release`: a child's summary that its parent has taken in then holds
+    no kernel of its own (the conv's weight is the model's), and one is built again if it is read again.
+    Everything else about it is a ConvOp's; `replace` on it gives a plain ConvOp."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> ConvOp:  # type: ignore[misc]
+        return ConvOp(*args, **kwargs)  # type: ignore[arg-type]  # dataclasses.replace builds one this way
+
+    @classmethod
+    def of(cls, base: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, like: ConvOp) -> ScaledOp:
+        op = object.__new__(cls)
+        for name, value in (("bias", bias), ("stride", like.stride), ("padding", like.padding),
+                            ("dilation", like.dilation), ("groups", like.groups),
+                            ("padding_mode", like.padding_mode), ("base", base), ("scale", scale), ("built", None)):
+            object.__setattr__(op, name, value)
+        return op
+
+    @property  # type: ignore[override]
+    def weight(self) -> torch.Tensor:
+        built = self.__dict__["built"]
+        if built is None:
+            built = self.base * self.scale.reshape(-1, *([1] * (self.base.dim() - 1)))
+            object.__setattr__(self, "built", built)
+        return built
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return self.base.shape
+
+    def release(self) -> None:
+        object.__setattr__(self, "built", None)
+
+    def __repr__(self) -> str:
+        return f"ScaledOp({tuple(self.base.shape)}, stride={self.stride}, padding={self.padding}, groups={self.groups})"
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+LAZY_NUMEL = 1 << 20  # a conv → scale kernel of at least this many weights (8 MiB in float64) is a ScaledOp
+
+
+def release(op: ConvOp | None) -> None:
+    """Drop the built kernel of a ScaledOp (see there); nothing for any other op."""
+    if isinstance(op, ScaledOp):
+        op.release()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,6 +353,9 @@ def compose(a: ConvOp, b: ConvOp) -> tuple[ConvOp | None, str | None]:
         return b, None
     if b.is_diagonal:
         s = b.weight.reshape(-1)
+        if math.prod(a.weight_shape) >= LAZY_NUMEL:  # the kernel is built when read (see ScaledOp)
+            base, scale = (a.base, a.scale * s) if isinstance(a, ScaledOp) else (a.weight, s)
+            return ScaledOp.of(base, scale, a.bias * s + b.bias, a), None
         w = a.weight * s.reshape(-1, *([1] * (a.weight.dim() - 1)))
         return replace(a, weight=w, bias=a.bias * s + b.bias), None
 

@@ -115,3 +115,56 @@ def test_a_fusion_wrong_only_at_the_given_size_still_fails(src: Path) -> None:
     ver = verify.compare(model, WrongAtMain(result.model), (MAIN,), atol=None, rtol=None, trials=1, seed=0,
                          fused64=WrongAtMain(result.fused64), extra=result.extra_shapes)
     assert not ver.passed and "float64" in ver.message
+
+
+class ConvBN(nn.Sequential):
+    def __init__(self, c: int, k: int) -> None:
+        super().__init__(nn.Conv2d(c, c, k, padding=k // 2, bias=False), nn.BatchNorm2d(c))
+
+
+class RepBlock(nn.Module):
+    """conv3×3-BN + conv1×1-BN + BN, then ReLU; wide enough that its conv → BN kernel is built on demand."""
+
+    def __init__(self, c: int = 384) -> None:
+        super().__init__()
+        self.dense, self.point, self.identity = ConvBN(c, 3), ConvBN(c, 1), nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x) + self.point(x) + self.identity(x))
+
+
+def test_a_wide_conv_bn_kernel_is_built_on_demand_and_dropped_once_its_parent_took_it_in() -> None:
+    from repfuse import kernels, rewrite
+
+    c = 384
+    assert c * c * 9 >= kernels.LAZY_NUMEL
+    model = randomize_bn(RepBlock(c), 5).eval()
+    work, dtypes = rewrite.float64_copy(model)
+    analysis = rewrite.analyse(work, verify.make_inputs(((1, c, 6, 6),), torch.float64, 0), dtypes)
+    op = analysis.leaves[id(work.dense)].op
+    assert isinstance(op, kernels.ScaledOp) and op.__dict__["built"] is None  # released: no kernel held
+    expected = work.dense[0].weight * (work.dense[1].weight / (work.dense[1].running_var + 1e-5).sqrt()
+                                       ).reshape(-1, 1, 1, 1)
+    assert torch.allclose(op.weight, expected, rtol=1e-12, atol=0)  # built again on reading it
+    result = api.fuse(model, Options(input_shapes=((1, c, 6, 6),)))
+    x = torch.randn(2, c, 7, 7)
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), model(x), rtol=1e-4, atol=1e-4)
+    assert sum(isinstance(m, nn.Conv2d) for m in result.model.modules()) == 1
+
+
+def test_a_dropped_kernel_is_built_again_when_the_child_itself_is_written() -> None:
+    """The parent stays as it is (a forward hook): each conv → BN child is then written on its own, from a
+    kernel its parent's analysis had dropped."""
+    c = 384
+    model = randomize_bn(RepBlock(c), 6).eval()
+    model.register_forward_hook(lambda mod, args, out: None)
+    result = api.fuse(model, Options(input_shapes=((1, c, 6, 6),)))
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in result.model.dense.modules()) == 0
+    x = torch.randn(2, c, 7, 7)
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), model(x), rtol=1e-4, atol=1e-4)
+    ver = verify.compare(model, result.model, ((1, c, 6, 6),), atol=None, rtol=None, trials=1, seed=0,
+                         fused64=result.fused64)
+    assert ver.passed and ver.exact_max_rel_error < 1e-12
