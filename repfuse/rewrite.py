@@ -179,11 +179,11 @@ def materialise(op: ConvOp, dtype_device: tuple[torch.dtype, torch.device], dtyp
     has_bias = bool(torch.any(op.bias != 0))
     if op.nd == 0:
         op = K.regroup(op, 1)
-        layer: nn.Module = nn.Linear(op.in_channels, op.out_channels, bias=has_bias)
-    else:
+        layer: nn.Module = nn.Linear(op.in_channels, op.out_channels, bias=has_bias, device="meta")
+    else:  # on the meta device: no initial weights drawn (and allocated) only to be replaced
         cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[op.nd]
         layer = cls(op.in_channels, op.out_channels, op.kernel_size, op.stride, op.padding, op.dilation,
-                    op.groups, bias=has_bias, padding_mode=op.padding_mode)
+                    op.groups, bias=has_bias, padding_mode=op.padding_mode, device="meta")
     with torch.no_grad():
         layer.weight = nn.Parameter(op.weight.to(dtype=dtype, device=device))
         if has_bias:
