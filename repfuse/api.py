@@ -154,13 +154,23 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
     with clock.stage("fuse", "fusing"):
         applied = rewrite.apply(work, analysis, dtypes, verify.model_dtype(model))
         analysis.records, analysis.plans, analysis.leaves = {}, {}, {}  # activations, graphs, ops: done with
-        gc.collect()  # traced graphs hold reference cycles: free what they held before the deploy copy is made
+        _collect(model)  # traced graphs hold reference cycles: free what they held before the deploy copy
         fused64 = applied.model
         deploy = rewrite.cast_copy(fused64, dtypes)
     skipped = leftovers.live_skips(analysis.skipped, applied.sites, applied.model)
     skipped += leftovers.norms_left(applied.model, skipped, analysis.notes)
     return FuseResult(deploy, fused64, applied.sites, skipped, analysis.notes, shapes,
                       clock.timings, size.source, size.guessed, tuple(extra), at, runs)
+
+
+COLLECT_BYTES = 256 << 20  # a model this large gets an explicit garbage collection where big cycles die
+
+
+def _collect(model: nn.Module) -> None:
+    """gc.collect() (a few tenths of a second with torch loaded) where the model is large enough for what it
+    frees to matter to peak memory."""
+    if sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) >= COLLECT_BYTES:
+        gc.collect()
 
 
 def _extra_shapes(model: nn.Module, shapes: tuple[tuple[int, ...], ...], options: Options,
@@ -360,7 +370,7 @@ def convert_file(src: Path, dst: Path, options: Options, progress: Progress | No
     report, result, deployed = _fuse_and_verify(loaded, options, "convert", clock, progress)
     deployed = replace(deployed, model64=None)  # the float64 twins served the verification: not kept to the end
     result = replace(result, fused64=None)
-    gc.collect()  # modules hold reference cycles: free the twin's memory now, not at some later collection
+    _collect(loaded.model)  # modules hold reference cycles: free the twin's memory now, not at a later collection
     report = replace(report, strict=options.strict)
     if not report.verification or (not report.verification.passed and not options.force):
         raise VerificationFailed(report)

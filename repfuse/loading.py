@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -328,11 +329,14 @@ def load_object(path: Path | str, *, allow: Sequence[str] = (), trust: bool = Fa
         pairs: list[tuple[Any, str]] = []
     else:
         pairs = admitted_globals(path, allow, limits)
-    try:
-        digest = sha256_file(path)
-    except OSError as exc:
-        raise RepfuseError(f"{path}: cannot read ({exc.strerror})", "check the file") from exc
-    return _torch_load(path, trust, pairs), digest
+    with ThreadPoolExecutor(max_workers=1) as pool:  # hashing releases the GIL: it overlaps the load
+        hashing = pool.submit(sha256_file, path)
+        obj = _torch_load(path, trust, pairs)
+        try:
+            digest = hashing.result()
+        except OSError as exc:
+            raise RepfuseError(f"{path}: cannot read ({exc.strerror})", "check the file") from exc
+    return obj, digest
 
 
 def load_checkpoint(path: Path | str, *, allow: Sequence[str] = (), trust: bool = False,
