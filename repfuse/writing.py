@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import hashlib
 import os
 import pickle
 import re
@@ -213,11 +214,12 @@ def check_destination(dst: Path | str, *inputs: Path | str) -> Path:
     return dst
 
 
-def atomic_write(dst: Path | str, write: Callable[[Path], None],
+def atomic_write(dst: Path | str, write: Callable[[Path], str | None],
                  check: Callable[[Path], None] | None = None) -> str:
     """Write `dst` atomically; return the sha256 of the written bytes.
 
-    `write(tmp)` writes a fresh temporary file next to `dst`; `check(tmp)` (when given) loads it
+    `write(tmp)` writes a fresh temporary file next to `dst` (and may return the sha256 of what it
+    wrote, else the file is read again for it); `check(tmp)` (when given) loads it
     back and raises if it is wrong; only then is the temporary file renamed over `dst`. On any
     error, including KeyboardInterrupt, the temporary file is removed and an existing `dst` is left
     as it was. An OSError (also one that torch wrapped in a RuntimeError: a full disk, a file-size
@@ -230,12 +232,12 @@ def atomic_write(dst: Path | str, write: Callable[[Path], None],
     fd: int | None = None
     try:
         fd, tmp = _open_temp(directory, dst.name)
-        write(tmp)
+        written = write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if check is not None:
             check(tmp)
-        digest = sha256_file(tmp)
+        digest = written if isinstance(written, str) else sha256_file(tmp)
         os.replace(tmp, dst)
         tmp = None
     except (RepfuseError, KeyboardInterrupt):
@@ -258,12 +260,28 @@ def atomic_write(dst: Path | str, write: Callable[[Path], None],
     return digest
 
 
-def _torch_save_to(obj: Any) -> Callable[[Path], None]:
-    def write(tmp: Path) -> None:
+class _HashingFile:
+    """A binary file that hashes what is written to it (no second read of a large file for its sha256)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.digest = f, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save_to(obj: Any) -> Callable[[Path], str]:
+    def write(tmp: Path) -> str:
         # through a file object: torch.save(obj, path) would record the (temporary) file name in the
         # zip archive, so the same model would give different bytes at every run
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            hashing = _HashingFile(f)
+            torch.save(obj, hashing)
+        return hashing.digest.hexdigest()
     return write
 
 

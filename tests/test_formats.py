@@ -20,7 +20,7 @@ from torch import nn
 from typer.testing import CliRunner
 from user_code import files_in
 
-from repfuse import __version__, api, cli, export, verify, writing
+from repfuse import __version__, api, cli, export, verify
 from repfuse import io as rio
 from repfuse.samples import mobileone_tiny, randomize_bn, repvgg_tiny
 from repfuse.types import Options, RepfuseError
@@ -314,14 +314,14 @@ def test_interrupted_write_keeps_the_existing_file(tmp_path: Path, monkeypatch: 
     torch.save(model.state_dict() if fmt == "state.pt" else model, src)
     dst = tmp_path / f"out.{fmt.split('.')[-1]}"
     dst.write_bytes(b"previous output")
-    real = rio.sha256_file
+    real = os.replace
 
-    def interrupted(path):  # after the temp file is written and checked, before the rename
+    def interrupted(path, target):  # after the temp file is written and checked: the rename
         if str(path).endswith(".tmp"):
             raise KeyboardInterrupt
-        return real(path)
+        return real(path, target)
 
-    monkeypatch.setattr(writing, "sha256_file", interrupted)
+    monkeypatch.setattr(os, "replace", interrupted)
     options = Options(input_shapes=(SHAPE,), model=SAMPLE if fmt == "state.pt" else None)
     with pytest.raises(KeyboardInterrupt):
         api.convert_file(src, dst, options)
