@@ -16,6 +16,7 @@ whose trace would lose an effect is reported (`Traced.effect`) and its module is
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class _AssignableProxy(fx.Proxy):
         value = getattr(self.tracer, "known", {}).get(self.node, _UNKNOWN)
         if value is _UNKNOWN:
             raise fx.proxy.TraceError(f"{what} of a value that depends on the input cannot be traced")
+        self.tracer.read_values = True  # the graph now depends on the module's tensor values
         return value
 
     def __bool__(self) -> bool:
@@ -110,6 +112,7 @@ class LeafTracer(fx.Tracer):
         self.start_mode = _mode()
         self.moded: list[fx.Node] = []
         self.known: dict[fx.Node, Any] = {}  # node computed from the module's state alone → its value
+        self.read_values = False  # a Python value was read from such a node (bool(), int(), ...)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
@@ -187,7 +190,12 @@ class Traced:
 
 
 def trace(module: nn.Module) -> Traced:
-    """fx-trace `module` with its children as leaves, and check that the graph keeps every effect."""
+    """fx-trace `module` with its children as leaves, and check that the graph keeps every effect. Inside
+    `batched_tracing`, a module built like one traced before (see `_signature`) gets a copy of that graph."""
+    key = _signature(module) if _TRACES is not None else None
+    if key is not None and key in _TRACES:  # type: ignore[operator]
+        graph, effect = _TRACES[key]  # type: ignore[index]
+        return Traced(fx.GraphModule(module, copy.deepcopy(graph), class_name=type(module).__name__), effect=effect)
     tracer = LeafTracer()
     try:
         with E.state_watch(module) as changed:
@@ -196,7 +204,81 @@ def trace(module: nn.Module) -> Traced:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return Traced(None, f"could not trace ({type(exc).__name__}: {first[:160]})")
-    return Traced(gm, effect=_trace_effect(gm, tracer, changed))
+    traced = Traced(gm, effect=_trace_effect(gm, tracer, changed))
+    if key is not None and not tracer.read_values and _own_targets(module, gm.graph):
+        _TRACES[key] = (copy.deepcopy(gm.graph), traced.effect)  # type: ignore[index]
+    return traced
+
+
+# A module's trace is a function of its code and of what its forward can read without an input: its plain
+# attributes, its children's names and classes, its tensors' names, shapes and dtypes — not their values
+# unless a Python value was read from one (LeafTracer.read_values), and not a tensor fx stored on the module
+# as a constant while tracing (`_own_targets`). Modules built alike (46 ConvNormAct in one model) trace once.
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+_TRACES: dict[tuple[Any, ...], tuple[fx.Graph, str | None]] | None = None
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (tuple, frozenset)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, _PLAIN) or (callable(value) and hasattr(value, "__qualname__") and not isinstance(
+        value, nn.Module) and _hashable(value))
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _signature(module: nn.Module) -> tuple[Any, ...] | None:
+    """What the trace of `module` depends on, or None where that cannot be told (see above): its own
+    attributes and tensors and those of every module under it (a forward may read `self.conv.groups`)."""
+    own = _own_signature(module)
+    if own is None:
+        return None
+    children = []
+    for name, child in module._modules.items():
+        sub = None if child is None else _signature(child)
+        if sub is None and child is not None:
+            return None
+        children.append((name, sub))
+    return (own, tuple(children))
+
+
+def _own_signature(module: nn.Module) -> tuple[Any, ...] | None:
+    attrs = []
+    for name, value in vars(module).items():
+        if name in ("_parameters", "_buffers", "_modules"):
+            continue
+        if name.startswith("_") and isinstance(value, (dict, set)):
+            if value and name != "_non_persistent_buffers_set":  # hooks
+                return None
+            attrs.append((name, tuple(sorted(value)) if isinstance(value, set) else ()))
+            continue
+        if not _plain(value):
+            return None
+        attrs.append((name, value))
+    tensors = tuple((store, name, None if t is None else (tuple(t.shape), t.dtype, t.requires_grad))
+                    for store in ("_parameters", "_buffers") for name, t in getattr(module, store).items())
+    return (type(module), tuple(attrs), tensors)
+
+
+def _own_targets(module: nn.Module, graph: fx.Graph) -> bool:
+    """Every get_attr of the graph names a parameter or buffer the module itself holds (none added by fx)."""
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            try:
+                _fetch(module, str(node.target))
+            except (AttributeError, KeyError):
+                return False
+            *path, name = str(node.target).split(".")
+            owner = module.get_submodule(".".join(path)) if path else module
+            if name not in owner._parameters and name not in owner._buffers:
+                return False
+    return True
 
 
 def _trace_effect(gm: fx.GraphModule, tracer: LeafTracer, changed: dict[str, list[str]]) -> str | None:
@@ -289,13 +371,16 @@ def batched_tracing() -> Iterator[None]:
             or nn.Module.__getattr__ is not _sfx._orig_module_getattr:  # someone else patches: leave it be
         yield
         return
+    global _TRACES
     new_patcher = _sfx._new_patcher
     nn.Module.__getattr__ = _forward_getattr  # type: ignore[method-assign]
     nn.Module.__call__ = _forward_call  # type: ignore[method-assign]
     _sfx._new_patcher = _slot_patcher
+    _TRACES = {}
     try:
         yield
     finally:
+        _TRACES = None
         _sfx._new_patcher = new_patcher
         nn.Module.__getattr__ = _sfx._orig_module_getattr  # type: ignore[method-assign]
         nn.Module.__call__ = _sfx._orig_module_call  # type: ignore[method-assign]

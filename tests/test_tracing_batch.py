@@ -61,3 +61,37 @@ def test_a_failing_trace_or_an_error_leaves_nn_module_as_it_was() -> None:
         raise RuntimeError("boom")
     assert nn.Module.__call__ is ORIGINAL_CALL and nn.Module.__getattr__ is ORIGINAL_GETATTR
     assert graph._SLOTS == {"__getattr__": None, "__call__": None}
+
+
+class ReadsChild(nn.Module):
+    """Its graph depends on a child's plain attribute, a child's tensor shape and a value of its own."""
+
+    def __init__(self, k: int, c: int = 4, sign: float = 1.0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, c, k, padding=k // 2)
+        self.sign = nn.Parameter(torch.tensor(sign))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.conv.kernel_size[0] > 1:  # a child's attribute
+            y = y * 2
+        if self.conv.weight.shape[0] > 4:  # a child's tensor shape
+            y = y[:, :4]
+        if self.sign > 0:  # a value of its own tensor
+            y = -y
+        return y + x
+
+
+@pytest.mark.parametrize("other", [dict(k=1), dict(k=3, c=8), dict(k=3, sign=-1.0)])
+def test_modules_traced_once_per_build_not_per_class(other: dict) -> None:
+    """A trace is reused only for a module built alike: another child setting, child shape or value read in
+    Python gives its own graph, the same as a trace outside the batch."""
+    first, second = ReadsChild(3), ReadsChild(**other)
+    with graph.batched_tracing():
+        codes = [_code(first), _code(second), _code(ReadsChild(3))]
+    assert codes[0] == _code(first) and codes[1] == _code(second) and codes[2] == codes[0]
+    assert codes[1] != codes[0]
+    x = torch.randn(2, 4, 5, 5)
+    with graph.batched_tracing():
+        traced = graph.trace(second).gm
+    assert traced is not None and torch.equal(traced(x), second(x))
