@@ -126,6 +126,13 @@ class ScaledOp(ConvOp):
 LAZY_NUMEL = 1 << 20  # a conv → scale kernel of at least this many weights (8 MiB in float64) is a ScaledOp
 
 
+def rows(op: ConvOp, index: torch.Tensor) -> torch.Tensor:
+    """op.weight[index] (output channels), without building a ScaledOp's whole kernel."""
+    if isinstance(op, ScaledOp) and op.__dict__["built"] is None:
+        return op.base[index] * op.scale[index].reshape(-1, *([1] * (op.base.dim() - 1)))
+    return op.weight[index]
+
+
 def release(op: ConvOp | None) -> None:
     """Drop the built kernel of a ScaledOp (see there); nothing for any other op."""
     if isinstance(op, ScaledOp):
@@ -258,7 +265,8 @@ def _set(t: Ints, i: int, v: int) -> Ints:
 
 def _normalise_dilation(op: ConvOp) -> ConvOp:
     """A size-1 kernel axis has no dilation; call it 1 so it never blocks a merge."""
-    return replace(op, dilation=tuple(1 if k == 1 else d for k, d in zip(op.kernel_size, op.dilation)))
+    dilation = tuple(1 if k == 1 else d for k, d in zip(op.kernel_size, op.dilation))
+    return op if dilation == op.dilation else replace(op, dilation=dilation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +301,7 @@ def parallel_sum(ops: list[ConvOp]) -> tuple[ConvOp | None, str | None]:
         if len({op.dilation[axis] for op in ops if op.kernel_size[axis] > 1}) > 1:
             ops = [densify_axis(op, axis) for op in ops]
         d = max(op.dilation[axis] for op in ops)
-        ops = [replace(op, dilation=_set(op.dilation, axis, d)) for op in ops]
+        ops = [op if op.dilation[axis] == d else replace(op, dilation=_set(op.dilation, axis, d)) for op in ops]
         reach = {2 * op.padding[axis] - d * (op.kernel_size[axis] - 1) for op in ops}
         if len(reach) > 1:
             return None, (f"branches are not centre-aligned on axis {axis} (kernel/padding "
@@ -314,7 +322,9 @@ def parallel_sum(ops: list[ConvOp]) -> tuple[ConvOp | None, str | None]:
     full = next((op for op in ops if tuple(op.kernel_size) == size), None)
     shape = (first.out_channels, first.in_channels // groups, *size)
     weight = torch.empty(shape, dtype=DT) if full is not None else torch.zeros(shape, dtype=DT)
-    if full is not None:
+    if isinstance(full, ScaledOp) and full.__dict__["built"] is None:  # written straight in, never built
+        torch.mul(full.base, full.scale.reshape(-1, *([1] * (full.base.dim() - 1))), out=weight)
+    elif full is not None:
         weight.copy_(full.weight)
     bias = torch.zeros(first.out_channels, dtype=DT)
     for op in ops:

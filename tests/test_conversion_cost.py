@@ -168,3 +168,23 @@ def test_a_dropped_kernel_is_built_again_when_the_child_itself_is_written() -> N
     ver = verify.compare(model, result.model, ((1, c, 6, 6),), atol=None, rtol=None, trials=1, seed=0,
                          fused64=result.fused64)
     assert ver.passed and ver.exact_max_rel_error < 1e-12
+
+
+def test_a_sum_with_a_scaled_kernel_writes_it_straight_in_and_never_builds_it() -> None:
+    from repfuse import kernels as K
+
+    g = torch.Generator().manual_seed(7)
+    c = 384
+    dense = K.conv_op(torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64), None, 1, (1, 1), 1, 1)
+    scale = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    shift = torch.randn(c, generator=g, dtype=torch.float64)
+    scaled, _ = K.compose(dense, K.channel_affine(scale, shift, 2))
+    point = K.conv_op(torch.randn(c, c, 1, 1, generator=g, dtype=torch.float64), None, 1, (0, 0), 1, 1)
+    assert isinstance(scaled, K.ScaledOp)
+    total, reason = K.parallel_sum([scaled, point])
+    assert reason is None and total is not None and scaled.__dict__["built"] is None
+    expected = dense.weight * scale.reshape(-1, 1, 1, 1)
+    index = torch.tensor([0, 17, c - 1])
+    assert torch.equal(K.rows(scaled, index), expected[index]) and scaled.__dict__["built"] is None
+    expected[:, :, 1:2, 1:2] += point.weight
+    assert torch.allclose(total.weight, expected, rtol=1e-14, atol=0) and torch.equal(total.bias, shift)
