@@ -27,6 +27,7 @@ F64 = torch.float64
 _CASTS = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16,
           torch.Tensor.bfloat16: torch.bfloat16, torch.Tensor.double: torch.float64}
 _TO = {torch.Tensor.to, torch.Tensor.type, torch.Tensor.type_as}
+_DTYPE_GET = torch.Tensor.dtype.__get__  # `x.dtype` reaches a torch function mode as this getter (compared with ==)
 
 
 class Shadows:
@@ -76,6 +77,11 @@ class Float64Mode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = dict(kwargs or {})
+        if self.shadows is not None and func == _DTYPE_GET and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            # `x.dtype` reads x's dtype in the model's own precision: `y.to(x.dtype)`, `dtype=x.dtype` and
+            # `x.dtype == torch.float16` then mean what they mean in the original (a float32 table cast to
+            # an fp16 activation's dtype is fp16 there, not float32 because x is float64 here)
+            return self.shadows.get(args[0])
         target: torch.dtype | None = None  # the dtype a cast asks for, in the model's own precision
         if func in _CASTS:
             target = _CASTS[func]
@@ -114,8 +120,9 @@ class Float64Mode(TorchFunctionMode):
         """x.to(dtype) / x.to(other) / x.type(dtype) / x.type_as(other): the floating target becomes float64."""
         target = None
         new_args = list(args)
-        # a float64 dtype object is what `x.dtype` reads under this mode whatever x's own dtype is, so a
-        # cast to it keeps the source's dtype (only .double() or a "torch.DoubleTensor" name is explicit)
+        # without shadows a float64 dtype object is what `x.dtype` reads whatever x's own dtype is (and a dtype
+        # read before the mode may be one of the float64 copy's), so a cast to it keeps the source's dtype
+        # (only .double() or a "torch.DoubleTensor" name is explicit)
         for i, a in enumerate(args[1:], 1):
             if _floating(a):
                 target, new_args[i] = (None if a is F64 else a), F64
