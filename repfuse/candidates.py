@@ -147,8 +147,8 @@ def _sum_terms(node: fx.Node, terms: list[tuple[fx.Node, float]], extra: frozens
             first_reason = first_reason or reason
             continue
         cost = sum(e.cost for e in exprs)
-        if op.weight.numel() > result.weight_budget:
-            first_reason = first_reason or _too_large(op.weight.numel(), result)
+        if op.num_weights > result.weight_budget:
+            first_reason = first_reason or _too_large(op.num_weights, result)
             continue
         out[base] = L.Expr(op, frozenset().union(*(e.nodes for e in exprs)) | extra | {node},
                            sum(e.ops for e in exprs) + len(exprs) - 1, sum((e.terms for e in exprs), ()),
@@ -344,7 +344,7 @@ def _after_layout(node: fx.Node, base: fx.Node, e: L.Expr, info: L.LeafInfo, out
         if reason and not e.op.is_identity:
             result.skip(site_label(path, node), reason)
         return
-    if op.weight.numel() > result.weight_budget:
+    if op.num_weights > result.weight_budget:
         return
     cost = e.cost + info.input_cost() / math.prod(e.op.stride)
     out[base] = L.Expr(op, e.nodes | {node}, e.ops + info.ops, _chain_terms(e.terms, info), e.norms + info.norms,

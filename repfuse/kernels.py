@@ -77,6 +77,11 @@ class ConvOp:
         """A per-channel affine map (BN, scale, identity): pointwise and depthwise with C_in == C_out."""
         return self.is_pointwise and self.groups == self.out_channels == self.in_channels
 
+    @property
+    def num_weights(self) -> int:
+        """weight.numel(), without building a ScaledOp's kernel."""
+        return math.prod(self.weight_shape)
+
     def num_params(self, with_bias: bool = True) -> int:
         return math.prod(self.weight_shape) + (self.bias.numel() if with_bias else 0)
 
@@ -473,9 +478,9 @@ def _mix_before(a: ConvOp, b: ConvOp) -> torch.Tensor:
 def composed_numel(a: ConvOp, b: ConvOp) -> int:
     """How many weights the kernel of b∘a will have, without building it (the same cases as `compose`)."""
     if b.is_diagonal:
-        return a.weight.numel()
+        return a.num_weights
     if a.is_diagonal:
-        return b.weight.numel()
+        return b.num_weights
     if a.nd == 0 or _is_window_free(b):
         size = a.kernel_size
     elif a.is_pointwise:

@@ -59,7 +59,7 @@ class Expr:
 
 def op_cost(op: ConvOp) -> float:
     """Multiply-adds of `op` per position of its input: weight taps per output position / stride."""
-    return op.weight.numel() / math.prod(op.stride)
+    return op.num_weights / math.prod(op.stride)
 
 
 @dataclass

@@ -219,11 +219,11 @@ def _sampled(op: ConvOp, x: torch.Tensor, y: torch.Tensor) -> tuple[ConvOp, torc
         return op, x, y
     keep = torch.linspace(0, (g if g > 1 else op.out_channels) - 1, SELF_CHECK_CHANNELS).round().long().unique()
     if g == 1:
-        return replace(op, weight=op.weight[keep], bias=op.bias[keep]), x, y[:, keep]
+        return replace(op, weight=K.rows(op, keep), bias=op.bias[keep]), x, y[:, keep]
     out_per, in_per = op.out_channels // g, op.in_channels // g
     rows = (keep[:, None] * out_per + torch.arange(out_per)).reshape(-1)
     cols = (keep[:, None] * in_per + torch.arange(in_per)).reshape(-1)
-    return replace(op, weight=op.weight[rows], bias=op.bias[rows], groups=len(keep)), x[:, cols], y[:, rows]
+    return replace(op, weight=K.rows(op, rows), bias=op.bias[rows], groups=len(keep)), x[:, cols], y[:, rows]
 
 
 def region_problem(nodes: frozenset[fx.Node], y: fx.Node, consumed: set[fx.Node], ctx: Context,
