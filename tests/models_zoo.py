@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 from repfuse import api, verify
 from repfuse.api import FuseResult
@@ -147,3 +148,31 @@ def assert_kept(before: dict[str, torch.Tensor], deploy: nn.Module, prefixes: It
 
 def skipped_reasons(result: FuseResult) -> dict[str, str]:
     return {s.module: s.reason for s in result.skipped}
+
+
+class ToNHWC(nn.Module):
+    """A layout-only module, as UniRepLKNet's NCHWtoNHWC."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+class ToNCHW(nn.Module):
+    """A layout-only module, as UniRepLKNet's NHWCtoNCHW."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
+
+
+def macs(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward on a random input of `shape` (torch.utils.flop_counter)."""
+    x = torch.randn(shape, dtype=next(model.parameters()).dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def assert_adds_nothing(original: nn.Module, deploy: nn.Module, shape: tuple[int, ...]) -> None:
+    """repfuse never adds a layer: no more modules of any kind, and no more FLOPs, than the original."""
+    assert len(list(deploy.modules())) <= len(list(original.modules())), deploy
+    assert macs(deploy, shape) <= macs(original, shape), deploy

@@ -10,22 +10,13 @@ channels-last layout the Linears work in, folds into that Linear.
 from __future__ import annotations
 
 import torch
-from models_zoo import fuse_checked, skipped_reasons
+from models_zoo import ToNCHW, ToNHWC, assert_adds_nothing, fuse_checked, macs, skipped_reasons
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 D = 8
 SHAPE = (2, D, 6, 6)
 
 
-class ToNHWC(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 2, 3, 1)
-
-
-class ToNCHW(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 3, 1, 2)
 
 
 class GRN(nn.Module):
@@ -111,16 +102,6 @@ class Affine(nn.Module):
         return x * self.weight + self.bias
 
 
-def macs(model: nn.Module, shape: tuple[int, ...]) -> int:
-    x = torch.randn(shape, dtype=next(model.parameters()).dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops()
-
-
-def assert_adds_nothing(original: nn.Module, deploy: nn.Module, shape: tuple[int, ...] = SHAPE) -> None:
-    assert len(list(deploy.modules())) <= len(list(original.modules())), deploy
-    assert macs(deploy, shape) <= macs(original, shape), deploy
 
 
 def test_channels_first_layernorm_affine_is_not_a_new_conv_and_folds_into_pwconv1() -> None:
@@ -128,7 +109,7 @@ def test_channels_first_layernorm_affine_is_not_a_new_conv_and_folds_into_pwconv
     # stayed; now, the affine end of the `norm` module, it folds through pwconv1's permute into its Linear
     model = UniRepLKNetBlock(norm="ln")
     res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     keys = set(res.model.state_dict())
     assert "norm.weight" not in keys and "norm.bias" not in keys, keys
     assert sum(isinstance(m, ToNHWC) for m in res.model.modules()) == 1
@@ -139,7 +120,7 @@ def test_bn_block_fuses_dwconv_and_norm_and_adds_nothing() -> None:
     # module staying after it (before: the BN stayed, as the rewrite could not write "Linear, then permute")
     model = UniRepLKNetBlock(norm="bn")
     res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     assert len(list(res.model.modules())) < len(list(model.modules()))
     assert isinstance(res.model.pwconv2.get_submodule("1"), ToNCHW)
 
@@ -148,7 +129,7 @@ def test_grn_bias_and_layer_scale_fold_into_the_linears() -> None:
     for gamma_shape in ((D,), (1, 1, 1, D)):
         model = FlatChannelsLastBlock(gamma_shape)
         res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
-        assert_adds_nothing(model, res.model)
+        assert_adds_nothing(model, res.model, SHAPE)
         keys = set(res.model.state_dict())
         # before: neither broadcasts over axis 1, so both stayed as parameters of the deploy model
         assert "gamma" not in keys and "grn_beta" not in keys, (gamma_shape, keys)
@@ -168,7 +149,7 @@ def test_layer_scale_after_a_conv_folds_channels_first() -> None:
 
     model = ConvScale()
     res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=0, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     assert "gamma" not in res.model.state_dict()
 
 
@@ -201,7 +182,7 @@ def test_a_lone_affine_module_stays_as_it_is() -> None:
     # before: the affine module was collapsed into a depthwise 1×1 conv (more MACs)
     model = AfterAct()
     res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=0, dtype=torch.float64, keep=("affine",))
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     assert not res.sites
 
 
@@ -217,14 +198,14 @@ def test_bn_then_scale_alone_is_not_a_new_conv() -> None:
 
     model = BNScale()
     res = fuse_checked(model, SHAPE, convs=0, norms=1, linears=0, dtype=torch.float64, keep=("bn",))
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     assert any("would add a layer" in r for r in skipped_reasons(res).values())
 
 
 def test_an_affine_module_next_to_a_conv_still_folds() -> None:
     model = nn.Sequential(nn.Conv2d(D, D, 3, padding=1), Affine(D), nn.BatchNorm2d(D))
     res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=0, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
 
 
 def test_grn_bias_and_layer_scale_in_other_modules_fold_into_pwconv2() -> None:
@@ -233,7 +214,7 @@ def test_grn_bias_and_layer_scale_in_other_modules_fold_into_pwconv2() -> None:
     # reparameterize does by hand (before: both stayed, as parameters of the deploy model)
     model = UniRepLKNetBlock(norm="bn")
     res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     keys = set(res.model.state_dict())
     assert "gamma" not in keys and "act.1.beta" not in keys, keys
     assert "act.1.gamma" in keys  # the GRN itself is not affine
@@ -248,7 +229,7 @@ def test_a_grn_read_twice_keeps_its_bias() -> None:
 
     model = ReadTwice(norm="bn")
     res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     keys = set(res.model.state_dict())
     assert "act.1.beta" in keys and "gamma" not in keys, keys
 
@@ -267,7 +248,7 @@ def test_a_suffix_inside_a_child_whose_code_reads_it_stays() -> None:
     model = UniRepLKNetBlock(norm="bn")
     model.act = Act(4 * D)
     res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     keys = set(res.model.state_dict())
     assert "act.grn.beta" in keys and "gamma" not in keys, keys  # the layer scale still folds
     reasons = skipped_reasons(res)
@@ -281,5 +262,5 @@ def test_grn_bias_folds_into_pwconv2_without_a_layer_scale() -> None:
 
     model = NoScale(norm="bn")
     res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=2, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     assert "act.1.beta" not in set(res.model.state_dict())

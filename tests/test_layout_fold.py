@@ -10,34 +10,15 @@ multiply-adds than the original.
 from __future__ import annotations
 
 import torch
-from models_zoo import BNS, count, fuse_checked, skipped_reasons
+from models_zoo import BNS, ToNCHW, ToNHWC, assert_adds_nothing, count, fuse_checked, skipped_reasons
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 D = 8
 SHAPE = (2, D, 5, 7)  # odd H ≠ W: a permute that maps the wrong axis cannot pass by accident
 
 
-class ToNHWC(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 2, 3, 1)
 
 
-class ToNCHW(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 3, 1, 2)
-
-
-def macs(model: nn.Module, shape: tuple[int, ...]) -> int:
-    x = torch.randn(shape, dtype=next(model.parameters()).dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops()
-
-
-def assert_adds_nothing(original: nn.Module, deploy: nn.Module, shape: tuple[int, ...] = SHAPE) -> None:
-    assert len(list(deploy.modules())) <= len(list(original.modules())), deploy
-    assert macs(deploy, shape) <= macs(original, shape), deploy
 
 
 class LinearPermuteBN(nn.Module):
@@ -57,7 +38,7 @@ class LinearPermuteBN(nn.Module):
 def test_bn_after_a_permute_folds_into_the_linear_before_it() -> None:
     model = LinearPermuteBN()
     res = fuse_checked(model, SHAPE, convs=0, norms=0, linears=2, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     site = next(s for s in res.sites if s.module.endswith("fused"))
     assert set(site.branches) == {"fc2", "bn"}
     assert "permute" in str(res.model.program)  # the permute stays, after the fused Linear
@@ -76,7 +57,7 @@ def test_the_upstream_sequential_form_folds_and_keeps_the_permute_module() -> No
     for dtype in (torch.float64, torch.float16):  # fp16: the fused Linear is cast back, the permutes stay
         model = Block()
         res = fuse_checked(model, SHAPE, convs=0, norms=0, linears=2, dtype=dtype)
-        assert_adds_nothing(model, res.model)
+        assert_adds_nothing(model, res.model, SHAPE)
         assert sum(isinstance(m, ToNCHW) for m in res.model.modules()) == 1
         assert sum(isinstance(m, ToNHWC) for m in res.model.modules()) == 1
         assert {p.dtype for p in res.model.parameters()} == {dtype}
@@ -94,7 +75,7 @@ def test_bn_before_a_permute_folds_into_the_linear_after_it() -> None:
 
     model = BNPermuteLinear()
     res = fuse_checked(model, SHAPE, convs=0, norms=0, linears=1, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     assert [set(s.branches) for s in res.sites] == [{"bn", "fc"}]
 
 
@@ -115,7 +96,7 @@ def test_a_channels_first_norm_affine_folds_through_the_permute() -> None:
 
     model = LNAffinePermuteLinear()
     res = fuse_checked(model, SHAPE, convs=0, norms=0, linears=1, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     keys = set(res.model.state_dict())
     assert "ln_weight" not in keys and "ln_bias" not in keys, keys
 
@@ -133,7 +114,7 @@ def test_transpose_and_flatten_map_the_channel_axis() -> None:
 
     model = PatchTokens()
     res = fuse_checked(model, SHAPE, convs=1, norms=0, linears=1, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
 
 
 def test_a_last_axis_scale_after_a_transpose_folds_into_a_conv() -> None:
@@ -228,7 +209,7 @@ def test_a_shared_permute_module_stays_for_both_uses() -> None:
 
     model = Shared()
     res = fuse_checked(model, SHAPE, convs=0, norms=0, linears=2, dtype=torch.float64)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     assert count(res.model, BNS) == 0 and count(res.model, ToNCHW) == 1
 
 
@@ -244,6 +225,6 @@ def test_a_bn_folds_into_a_child_that_permutes_then_applies_a_linear() -> None:
 
     model = Block()
     res = fuse_checked(model, SHAPE, convs=0, norms=0, linears=1, dtype=torch.float32)
-    assert_adds_nothing(model, res.model)
+    assert_adds_nothing(model, res.model, SHAPE)
     assert count(res.model, ToNHWC) == 1
     assert [set(s.branches) for s in res.sites] == [{"norm", "pwconv1.1"}]
