@@ -270,12 +270,11 @@ def _own_targets(module: nn.Module, graph: fx.Graph) -> bool:
     """Every get_attr of the graph names a parameter or buffer the module itself holds (none added by fx)."""
     for node in graph.nodes:
         if node.op == "get_attr":
+            path, _, name = str(node.target).rpartition(".")
             try:
-                _fetch(module, str(node.target))
-            except (AttributeError, KeyError):
+                owner = module.get_submodule(path)
+            except AttributeError:
                 return False
-            *path, name = str(node.target).split(".")
-            owner = module.get_submodule(".".join(path)) if path else module
             if name not in owner._parameters and name not in owner._buffers:
                 return False
     return True

@@ -83,7 +83,7 @@ class ConvOp:
         return math.prod(self.weight_shape)
 
     def num_params(self, with_bias: bool = True) -> int:
-        return math.prod(self.weight_shape) + (self.bias.numel() if with_bias else 0)
+        return self.num_weights + (self.bias.numel() if with_bias else 0)
 
 
 class ScaledOp(ConvOp):
@@ -108,7 +108,7 @@ class ScaledOp(ConvOp):
     def weight(self) -> torch.Tensor:
         built = self.__dict__["built"]
         if built is None:
-            built = self.base * self.scale.reshape(-1, *([1] * (self.base.dim() - 1)))
+            built = self.base * per_output(self.scale, self.base)
             object.__setattr__(self, "built", built)
         return built
 
@@ -128,13 +128,18 @@ class ScaledOp(ConvOp):
         return self is other
 
 
+def per_output(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`scale` [C_out] shaped to multiply `weight` [C_out, ...] output channel by output channel."""
+    return scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
 LAZY_NUMEL = 1 << 20  # a conv → scale kernel of at least this many weights (8 MiB in float64) is a ScaledOp
 
 
 def rows(op: ConvOp, index: torch.Tensor) -> torch.Tensor:
     """op.weight[index] (output channels), without building a ScaledOp's whole kernel."""
     if isinstance(op, ScaledOp) and op.__dict__["built"] is None:
-        return op.base[index] * op.scale[index].reshape(-1, *([1] * (op.base.dim() - 1)))
+        return op.base[index] * per_output(op.scale[index], op.base)
     return op.weight[index]
 
 
@@ -328,7 +333,7 @@ def parallel_sum(ops: list[ConvOp]) -> tuple[ConvOp | None, str | None]:
     shape = (first.out_channels, first.in_channels // groups, *size)
     weight = torch.empty(shape, dtype=DT) if full is not None else torch.zeros(shape, dtype=DT)
     if isinstance(full, ScaledOp) and full.__dict__["built"] is None:  # written straight in, never built
-        torch.mul(full.base, full.scale.reshape(-1, *([1] * (full.base.dim() - 1))), out=weight)
+        torch.mul(full.base, per_output(full.scale, full.base), out=weight)
     elif full is not None:
         weight.copy_(full.weight)
     bias = torch.zeros(first.out_channels, dtype=DT)
@@ -371,7 +376,7 @@ def compose(a: ConvOp, b: ConvOp) -> tuple[ConvOp | None, str | None]:
         if math.prod(a.weight_shape) >= LAZY_NUMEL:  # the kernel is built when read (see ScaledOp)
             base, scale = (a.base, a.scale * s) if isinstance(a, ScaledOp) else (a.weight, s)
             return ScaledOp.of(base, scale, a.bias * s + b.bias, a), None
-        w = a.weight * s.reshape(-1, *([1] * (a.weight.dim() - 1)))
+        w = a.weight * per_output(s, a.weight)
         return replace(a, weight=w, bias=a.bias * s + b.bias), None
 
     padded_axes = [i for i, p in enumerate(b.padding) if p > 0]

@@ -144,14 +144,11 @@ class Runs:
 
     def _counted(self, model: Any, x: tuple[torch.Tensor, ...], seed: int, key: tuple[Any, ...]) -> Any:
         try:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            with FlopCounterMode(display=False) as counter:
-                out = outputs(model, x, seed=seed)
+            out, macs = _counted_run(model, x, seed)
         except Exception:  # a forward the counter cannot follow: run it plainly (its own errors surface)
             self._macs[key] = (model, None)
             return outputs(model, x, seed=seed)
-        self._macs[key] = (model, int(counter.get_total_flops() // 2))
+        self._macs[key] = (model, macs)
         return out
 
     def macs(self, model: Any, shapes: Sequence[tuple[int, ...]], seed: int) -> Any:
@@ -167,10 +164,7 @@ def check_runs(model: nn.Module, shapes: Sequence[tuple[int, ...]], seed: int, r
     """Raise a RepfuseError with a hint when the model cannot run on inputs of `shapes` (with `runs`, the
     run is kept there, its MACs counted: it is trial 0 of the verification)."""
     try:
-        if runs is None:
-            run(model, make_inputs(shapes, model_dtype(model), seed), seed=seed)
-        else:
-            runs.get(model, shapes, seed, count=True, keep=True)
+        (runs or Runs()).get(model, shapes, seed, count=runs is not None, keep=True)
     except RepfuseError:
         raise
     except Exception as exc:
@@ -234,14 +228,10 @@ def extra_shapes(model: nn.Module, shapes: Shapes, seed: int, runs: Runs | None 
     `candidate_shapes`) that the original model runs on — a model that accepts one size only is then
     checked at another batch size at least, where it accepts that. With `runs`, the accepted run is kept
     there (on inputs of `seed`: pass the seed verification gives that shape set)."""
-    dtype = model_dtype(model)
     rejected = []
     for cand in candidate_shapes(shapes):
         try:
-            if runs is None:
-                run(model, make_inputs(cand, dtype, seed), seed=seed)
-            else:
-                runs.get(model, cand, seed, keep=True)
+            (runs or Runs()).get(model, cand, seed, keep=True)
         except RepfuseError:
             raise
         except Exception:
@@ -374,10 +364,15 @@ def _fmt_shapes(shapes: Shapes) -> str:
 def count_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int | None:
     """Multiply-accumulates of one forward (FlopCounterMode flops / 2); None if it cannot count."""
     try:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            outputs(model, inputs)
-        return int(counter.get_total_flops() // 2)
+        return _counted_run(model, inputs, 0)[1]
     except Exception:
         return None
+
+
+def _counted_run(model: Any, inputs: tuple[torch.Tensor, ...], seed: int) -> tuple[Any, int]:
+    """`outputs(model, inputs, seed=seed)` and its multiply-accumulates (FlopCounterMode flops / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        out = outputs(model, inputs, seed=seed)
+    return out, int(counter.get_total_flops() // 2)
