@@ -13,140 +13,19 @@ Everything is float64; the caller casts back to the model's dtype at the very en
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import reduce
 
 import torch
 import torch.nn.functional as F
 
-Ints = tuple[int, ...]
-DT = torch.float64
+from .convop import DT, ConvOp, Ints
+from .lazy_kernels import LAZY_NUMEL, ScaledOp, SumOp, per_output, release, rows
+
+__all__ = ["DT", "LAZY_NUMEL", "ConvOp", "Ints", "ScaledOp", "SumOp", "compose", "parallel_sum", "per_output",
+           "release", "rows"]
 
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-@dataclass(frozen=True)
-class ConvOp:
-    """An affine operator ``y = conv(x; weight, bias, ...)`` in float64.
-
-    weight: [C_out, C_in / groups, *kernel]; bias: [C_out]. `nd == 0` is a Linear layer.
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    stride: Ints
-    padding: Ints
-    dilation: Ints
-    groups: int = 1
-    padding_mode: str = "zeros"
-
-    @property
-    def weight_shape(self) -> torch.Size:
-        return self.weight.shape
-
-    @property
-    def nd(self) -> int:
-        return len(self.weight_shape) - 2
-
-    @property
-    def kernel_size(self) -> Ints:
-        return tuple(self.weight_shape[2:])
-
-    @property
-    def out_channels(self) -> int:
-        return self.weight_shape[0]
-
-    @property
-    def in_channels(self) -> int:
-        return self.weight_shape[1] * self.groups
-
-    @property
-    def is_pointwise(self) -> bool:
-        """1×…×1 kernel, stride 1, no padding: acts on each position independently."""
-        return all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride) and not any(
-            self.padding
-        )
-
-    @property
-    def is_identity(self) -> bool:
-        """y = x: diagonal with unit weights and no bias (nn.Identity, a dropout in eval)."""
-        return self.is_diagonal and bool(torch.all(self.weight == 1)) and not bool(torch.any(self.bias))
-
-    @property
-    def is_diagonal(self) -> bool:
-        """A per-channel affine map (BN, scale, identity): pointwise and depthwise with C_in == C_out."""
-        return self.is_pointwise and self.groups == self.out_channels == self.in_channels
-
-    @property
-    def num_weights(self) -> int:
-        """weight.numel(), without building a ScaledOp's kernel."""
-        return math.prod(self.weight_shape)
-
-    def num_params(self, with_bias: bool = True) -> int:
-        return self.num_weights + (self.bias.numel() if with_bias else 0)
-
-
-class ScaledOp(ConvOp):
-    """A conv followed by a per-channel scale (conv → BN), whose weight ``base · scale[c_out]`` is built
-    when first read and kept until `release`: a child's summary that its parent has taken in then holds
-    no kernel of its own (the conv's weight is the model's), and one is built again if it is read again.
-    Everything else about it is a ConvOp's; `replace` on it gives a plain ConvOp."""
-
-    def __new__(cls, *args: object, **kwargs: object) -> ConvOp:  # type: ignore[misc]
-        return ConvOp(*args, **kwargs)  # type: ignore[arg-type]  # dataclasses.replace builds one this way
-
-    @classmethod
-    def of(cls, base: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, like: ConvOp) -> ScaledOp:
-        op = object.__new__(cls)
-        for name, value in (("bias", bias), ("stride", like.stride), ("padding", like.padding),
-                            ("dilation", like.dilation), ("groups", like.groups),
-                            ("padding_mode", like.padding_mode), ("base", base), ("scale", scale), ("built", None)):
-            object.__setattr__(op, name, value)
-        return op
-
-    @property  # type: ignore[override]
-    def weight(self) -> torch.Tensor:
-        built = self.__dict__["built"]
-        if built is None:
-            built = self.base * per_output(self.scale, self.base)
-            object.__setattr__(self, "built", built)
-        return built
-
-    @property
-    def weight_shape(self) -> torch.Size:
-        return self.base.shape
-
-    def release(self) -> None:
-        object.__setattr__(self, "built", None)
-
-    def __repr__(self) -> str:
-        return f"ScaledOp({tuple(self.base.shape)}, stride={self.stride}, padding={self.padding}, groups={self.groups})"
-
-    __hash__ = object.__hash__
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
-
-
-def per_output(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`scale` [C_out] shaped to multiply `weight` [C_out, ...] output channel by output channel."""
-    return scale.reshape(-1, *([1] * (weight.dim() - 1)))
-
-
-LAZY_NUMEL = 1 << 20  # a conv → scale kernel of at least this many weights (8 MiB in float64) is a ScaledOp
-
-
-def rows(op: ConvOp, index: torch.Tensor) -> torch.Tensor:
-    """op.weight[index] (output channels), without building a ScaledOp's whole kernel."""
-    if isinstance(op, ScaledOp) and op.__dict__["built"] is None:
-        return op.base[index] * per_output(op.scale[index], op.base)
-    return op.weight[index]
-
-
-def release(op: ConvOp | None) -> None:
-    """Drop the built kernel of a ScaledOp (see there); nothing for any other op."""
-    if isinstance(op, ScaledOp):
-        op.release()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,24 +206,13 @@ def parallel_sum(ops: list[ConvOp]) -> tuple[ConvOp | None, str | None]:
     dil = ops[0].dilation
     size = tuple(max(op.kernel_size[a] + 2 * (big_p[a] - op.padding[a]) // dil[a] for op in ops)
                  for a in range(nd))
-    # one pass over the result: the first branch spanning the whole kernel is copied in (no zero fill, no
-    # zero kernel per branch as embed_kernel would make), every other one added into its window
-    full = next((op for op in ops if tuple(op.kernel_size) == size), None)
+    # built when read (lazy_kernels.SumOp): a sum that a larger sum takes in is written once, into that one
     shape = (first.out_channels, first.in_channels // groups, *size)
-    weight = torch.empty(shape, dtype=DT) if full is not None else torch.zeros(shape, dtype=DT)
-    if isinstance(full, ScaledOp) and full.__dict__["built"] is None:  # written straight in, never built
-        torch.mul(full.base, per_output(full.scale, full.base), out=weight)
-    elif full is not None:
-        weight.copy_(full.weight)
+    parts = tuple((op, tuple((big_p[a] - op.padding[a]) // dil[a] for a in range(nd))) for op in ops)
     bias = torch.zeros(first.out_channels, dtype=DT)
     for op in ops:
         bias += op.bias
-        if op is full:
-            continue
-        offset = tuple((big_p[a] - op.padding[a]) // dil[a] for a in range(nd))
-        window = (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offset, op.kernel_size)))
-        weight[window] += op.weight
-    return ConvOp(weight, bias, first.stride, big_p, dil, groups, mode), None
+    return SumOp.of(parts, shape, bias, first.stride, big_p, dil, groups, mode), None
 
 
 def scale_op(op: ConvOp, factor: float) -> ConvOp:

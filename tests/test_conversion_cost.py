@@ -188,3 +188,37 @@ def test_a_sum_with_a_scaled_kernel_writes_it_straight_in_and_never_builds_it() 
     assert torch.equal(K.rows(scaled, index), expected[index]) and scaled.__dict__["built"] is None
     expected[:, :, 1:2, 1:2] += point.weight
     assert torch.allclose(total.weight, expected, rtol=1e-14, atol=0) and torch.equal(total.bias, shift)
+
+
+def test_a_sum_that_a_larger_sum_takes_in_is_never_built() -> None:
+    """`a + b + c` is two sums: the inner one's parts go straight into the outer kernel (also at an offset,
+    inside a wider kernel), and sampled rows of either equal the built kernel's."""
+    from repfuse import kernels as K
+
+    g = torch.Generator().manual_seed(11)
+    c = 24
+
+    def conv(k: int) -> K.ConvOp:
+        return K.conv_op(torch.randn(c, c, k, k, generator=g, dtype=torch.float64),
+                         torch.randn(c, generator=g, dtype=torch.float64), 1, (k // 2, k // 2), 1, 1)
+
+    dense, point, wide = conv(3), conv(1), conv(5)
+    inner, _ = K.parallel_sum([point, dense])
+    outer, _ = K.parallel_sum([inner, K.identity_op(c, 2)])
+    widest, _ = K.parallel_sum([inner, wide])
+    assert isinstance(inner, K.SumOp) and isinstance(outer, K.SumOp) and isinstance(widest, K.SumOp)
+    expected = dense.weight.clone()
+    expected[:, :, 1:2, 1:2] += point.weight
+    with_identity = expected.clone()
+    with_identity[:, :, 1, 1] += torch.eye(c, dtype=torch.float64)
+    with_wide = wide.weight.clone()
+    with_wide[:, :, 1:4, 1:4] += expected
+    index = torch.tensor([0, 7, c - 1])
+    for op, kernel, bias in ((outer, with_identity, dense.bias + point.bias),
+                             (widest, with_wide, dense.bias + point.bias + wide.bias)):
+        assert torch.allclose(K.rows(op, index), kernel[index], rtol=1e-14, atol=1e-15)
+        assert op.__dict__["built"] is None
+        assert torch.allclose(op.weight, kernel, rtol=1e-14, atol=1e-15) and torch.allclose(op.bias, bias)
+    assert inner.__dict__["built"] is None  # written twice into larger kernels, never on its own
+    K.release(outer)
+    assert outer.__dict__["built"] is None and torch.allclose(outer.weight, with_identity, rtol=1e-14, atol=1e-15)
