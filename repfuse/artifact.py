@@ -35,14 +35,16 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed, report: Report,
            inputs: tuple[torch.Tensor, ...], bounds: rio.Limits | None = None,
-           options: Options | None = None, reference: list[torch.Tensor] | None = None) -> dict[str, Any]:
-    """Write OUT in `fmt`; every writer checks the written file before it replaces `dst`. A `.pt`
-    holds the deploy model (in the input's container) unless the weights go into the user's
-    --deploy-model: then its state_dict, under its key names. `reference`: the deploy model's output
-    tensors on `inputs` (run with the options' seed), which the file loaded back must reproduce
-    exactly (computed here when not given)."""
+           options: Options | None = None, reference: list[torch.Tensor] | None = None,
+           check: tuple[tuple[torch.Tensor, ...], int] | None = None) -> dict[str, Any]:
+    """Write OUT in `fmt` (a program is exported on `inputs`); every writer checks the written file
+    before it replaces `dst`. A `.pt` holds the deploy model (in the input's container) unless the
+    weights go into the user's --deploy-model: then its state_dict, under its key names. The model
+    loaded back from a `.pt` must reproduce the deploy model exactly on `check` (inputs, seed; default:
+    `inputs` and the options' seed): `reference` is the deploy model's output tensors there (computed
+    here when not given)."""
     options = options or Options()
-    seed = options.seed
+    check_inputs, seed = check if check is not None else (inputs, options.seed)
     extra: dict[str, Any] = {}
     if deployed.spec:
         extra["deploy_model"] = deployed.spec
@@ -60,7 +62,7 @@ def write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed,
 
     def reproduces(got: list[torch.Tensor]) -> None:  # a given reference may come from a counted run
         if given is None or not _equal(given, got):
-            _same(verify.run(deployed.model, inputs, seed=seed), got, dst)
+            _same(verify.run(deployed.model, check_inputs, seed=seed), got, dst)
 
     if deployed.keymap is None:  # the input's container, the model (or the weights) replaced by the deploy model
         if loaded.kind == "state_dict":  # its classes come from the --model the user named: they load with it
@@ -68,7 +70,7 @@ def write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed,
 
         def check_model(tmp: Path) -> None:
             again = rio.load_checkpoint(tmp, allow=loaded.allow, trust=loaded.trust, limits=bounds)
-            reproduces(verify.run(again.model.eval(), inputs, seed=seed))
+            reproduces(verify.run(again.model.eval(), check_inputs, seed=seed))
 
         digest = rio.save_checkpoint(loaded, deployed.model, dst, check=check_model, limits=bounds)
         return {"sha256": digest, "content": "model", **extra,
@@ -84,7 +86,7 @@ def write(fmt: str, dst: Path, loaded: rio.LoadedCheckpoint, deployed: Deployed,
             raise RepfuseError(f"{dst.name} does not hold the deploy state_dict after writing it", _BUG_HINT)
         model = copy.deepcopy(deployed.model)
         model.load_state_dict(again, strict=True)
-        reproduces(verify.run(model.eval(), inputs, seed=seed))
+        reproduces(verify.run(model.eval(), check_inputs, seed=seed))
 
     obj = rio.replace_in_container(loaded.container, loaded.key, state)
     digest = rio.save_object(obj, dst, inputs=(loaded.path,), allow=loaded.allow, trust=loaded.trust,

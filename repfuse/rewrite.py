@@ -29,7 +29,7 @@ from . import layouts as Y
 from . import lowering as L
 from . import rewrite_steps as W
 from . import suffix as S
-from .analysis import COST_SLACK, Analysis, DtypeMap, ModulePlan, Region, analyse, site_label
+from .analysis import COST_SLACK, Analysis, DtypeMap, ModulePlan, Region, analyse, float64_forward, site_label
 from .copies import cast_copy, count_layers, float64_copy
 from .kernels import ConvOp
 from .modules import SHADOWABLE, GraphBlock, UnsupportedProgram, carried, graph_to_program
@@ -37,7 +37,8 @@ from .reach import reached
 from .regions import adds_layer
 from .types import FusionSite
 
-__all__ = ["Applied", "DtypeMap", "analyse", "apply", "cast_copy", "count_layers", "float64_copy", "materialise"]
+__all__ = ["Applied", "DtypeMap", "analyse", "apply", "cast_copy", "count_layers", "float64_copy", "float64_forward",
+           "materialise"]
 
 
 # ----------------------------------------------------------------------------------------------

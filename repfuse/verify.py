@@ -291,8 +291,8 @@ def compare(original: nn.Module, fused: nn.Module, shapes: Sequence[tuple[int, .
     `fused64` is the fused model before its new weights were cast to the model's dtype (the
     exactness check needs float64 weights); without it, `fused` is upcast. With `exact=False`
     (two checkpoints compared as stored) the float64 figure is reported but does not decide. `runs`
-    holds forwards made already (see `Runs`); the deploy model's trial 0 is left there, and the MACs of
-    both models at `shapes` are counted there.
+    holds forwards made already (see `Runs`); the deploy model's first run at every shape set is left
+    there, and the MACs of both models at `shapes` are counted there.
     """
     dtype = model_dtype(original)
     d_atol, d_rtol = default_tolerances(dtype)
@@ -323,7 +323,7 @@ def compare(original: nn.Module, fused: nn.Module, shapes: Sequence[tuple[int, .
         # the deploy model itself, in its own dtype (for a float64 model too: fused64 is a copy)
         first = trial_seed == seed
         out_ref = runs.get(original, shape_set, trial_seed, count=first)
-        out_fused = runs.get(fused, shape_set, trial_seed, count=first, keep=first)
+        out_fused = runs.get(fused, shape_set, trial_seed, count=first, keep=exact_run)
         ref_d, fused_d = flat_outputs(out_ref), flat_outputs(out_fused)
         a_abs, a_scale, a_rel = _errors(fused_d, ref_d)
         ok = a_abs <= atol + rtol * a_scale
