@@ -140,6 +140,7 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
     """
     clock = clock or _Clock(progress)
     model.eval()
+    options = with_trials(options, model)
     runs = verify.Runs()
     size = resolve_input_size(model, options, runs)
     shapes = size.shapes
@@ -174,6 +175,13 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
 
 
 COLLECT_BYTES = 256 << 20  # a model this large gets an explicit garbage collection where big cycles die
+
+
+def with_trials(options: Options, model: nn.Module, exact: bool = True) -> Options:
+    """`options` with its number of trials settled: the user's, else `verify.default_trials` for the model's dtype."""
+    if options.trials is not None:
+        return options
+    return replace(options, trials=verify.default_trials(verify.model_dtype(model), exact))
 
 
 @contextmanager
@@ -348,6 +356,7 @@ def map_to_deploy_model(result: FuseResult, dtype: torch.dtype, options: Options
 def _fuse_and_verify(loaded: rio.LoadedCheckpoint, options: Options, command: str, clock: _Clock,
                      progress: Progress | None) -> tuple[Report, FuseResult, Deployed]:
     """fuse → verify (→ map onto --deploy-model → verify that). The report has output=None."""
+    options = with_trials(options, loaded.model)
     result = fuse(loaded.model, options, progress, clock, references=True)
     with clock.stage("verify", "verifying on random inputs"):
         ver = verify.compare(loaded.model, result.model, result.input_shapes, atol=options.atol,
@@ -406,6 +415,7 @@ def convert_file(src: Path, dst: Path, options: Options, progress: Progress | No
 
 def _convert_loaded(loaded: rio.LoadedCheckpoint, dst: Path, fmt: str, options: Options, clock: _Clock,
                     progress: Progress | None) -> Report:
+    options = with_trials(options, loaded.model)
     report, result, deployed = _fuse_and_verify(loaded, options, "convert", clock, progress)
     deployed = replace(deployed, model64=None)  # the float64 twins served the verification: not kept to the end
     result = replace(result, fused64=None)
@@ -460,6 +470,7 @@ def _verify_loaded(loaded: rio.LoadedCheckpoint, options: Options, against: Path
     if against is None:
         report, _, _ = _fuse_and_verify(loaded, options, "verify", clock, progress)
         return replace(report, timings=clock.timings)
+    options = with_trials(options, loaded.model, exact=False)
     other = _load_against(Path(against), loaded, options, progress, clock)
     loaded.model.eval()
     other.model.eval()

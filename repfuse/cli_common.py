@@ -61,8 +61,10 @@ RtolOpt = Annotated[
                                help="Relative tolerance. Default: by model dtype (float32: 1e-4).")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random test inputs.")]
-TrialsOpt = Annotated[int, typer.Option("--trials", metavar="N",
-                                        help=f"Number of random test batches (1 to {MAX_TRIALS}).")]
+TrialsOpt = Annotated[int | None, typer.Option(
+    "--trials", metavar="N", show_default=False,
+    help=f"Random test batches at the given shape (1 to {MAX_TRIALS}). Default: 1 where the float64 check "
+    "decides (float32/float64 models), 3 for float16/bfloat16 models and for verify --against.")]
 MaxInflateOpt = Annotated[
     int, typer.Option("--max-inflate", metavar="MIB",
                       help="Bytes (in MiB) a file's tensors may declare beyond the file's own size "
@@ -167,20 +169,25 @@ def _positive(flag: str, value: int, example: str) -> int:
     return value
 
 
+def _check_trials(trials: int) -> None:
+    _positive("--trials", trials, "3")
+    if trials > MAX_TRIALS:
+        raise RepfuseError(f"--trials {trials} is more than the {MAX_TRIALS} repfuse runs",
+                           f"one batch finds a wrong fusion (it is off by far more than rounding); "
+                           f"use --trials 1 to {MAX_TRIALS}")
+
+
 def build_options(
     input_shape: list[str] | None = None, allow: list[str] | None = None, trust: bool = False,
-    atol: float | None = None, rtol: float | None = None, seed: int = 0, trials: int = 3,
+    atol: float | None = None, rtol: float | None = None, seed: int = 0, trials: int | None = None,
     force: bool = False, *, model: str | None = None, model_arg: list[str] | None = None,
     deploy_model: str | None = None, deploy_model_arg: list[str] | None = None, keymap: Path | None = None,
     max_inflate: int = DEFAULT_MAX_INFLATE_MIB, max_modules: int = DEFAULT_MAX_MODULES,
     strict: bool = False, static: bool = False, opset: int | None = None,
 ) -> Options:
     """Map CLI flag values onto `types.Options` (validating what the parser cannot)."""
-    _positive("--trials", trials, "3")
-    if trials > MAX_TRIALS:
-        raise RepfuseError(f"--trials {trials} is more than the {MAX_TRIALS} repfuse runs",
-                           f"a few batches find a wrong fusion (it is off by far more than rounding); "
-                           f"use --trials 3 to {MAX_TRIALS}")
+    if trials is not None:
+        _check_trials(trials)
     if seed < 0:
         raise RepfuseError(f"--seed must be >= 0, got {seed}", "for example --seed 0")
     _positive("--max-inflate", max_inflate, str(DEFAULT_MAX_INFLATE_MIB))

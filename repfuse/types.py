@@ -150,7 +150,7 @@ class Options:
     atol: float | None = None  # None: default for the model's dtype
     rtol: float | None = None
     seed: int = 0
-    trials: int = 3
+    trials: int | None = None  # seeded inputs at the given shapes; None: verify.default_trials
     force: bool = False  # write even when verification fails
     model: str | None = None  # "MODULE:CALLABLE" building the architecture of a state_dict / safetensors input
     model_args: tuple[tuple[str, Any], ...] = ()  # keyword arguments of `model` (parsed --model-arg key=value)

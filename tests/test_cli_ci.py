@@ -177,7 +177,7 @@ def test_help_is_complete(command: str) -> None:
     text = " ".join(r.stdout.split())
     assert "<bool>" not in text and "Exit codes: 0 ok" in text and "4 not fully deployed" in text
     assert f"repfuse {command} " in text.split("Example")[1]  # an example of this command
-    assert ("--strict" in text and "[default: 3]" in text) or command == "inspect"
+    assert ("--strict" in text and "Default: 1 where the float64 check decides" in text) or command == "inspect"
     if command == "convert":
         assert "repfuse[onnx]" in text and "--static" in text and "--opset" in text and "2×C×64×64" in text
 

@@ -225,3 +225,25 @@ def test_a_sum_that_a_larger_sum_takes_in_is_never_built() -> None:
     assert inner.__dict__["built"] is None  # written twice into larger kernels, never on its own
     K.release(outer)
     assert outer.__dict__["built"] is None and torch.allclose(outer.weight, with_identity, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype, trials", [(torch.float32, 1), (torch.float64, 1), (torch.float16, 3),
+                                           (torch.bfloat16, 3)])
+def test_trials_default_to_one_where_the_float64_check_decides(tmp_path: Path, dtype: torch.dtype,
+                                                               trials: int) -> None:
+    """One seeded input per shape set decides exactness; half precision, whose rounding is within a factor
+    of ten of its tolerance, and two checkpoints compared as stored get three. A given number is kept."""
+    torch.manual_seed(0)
+    model = randomize_bn(repvgg_tiny(), 6).eval().to(dtype)
+    src = tmp_path / "in.pt"
+    torch.save(model, src)
+    report = api.verify_file(src, Options(input_shapes=((1, 3, 32, 32),)))
+    assert report.verification is not None and report.verification.passed
+    assert report.verification.trials == trials
+    chosen = api.verify_file(src, Options(input_shapes=((1, 3, 32, 32),), trials=2))
+    assert chosen.verification is not None and chosen.verification.trials == 2
+    if dtype == torch.float32:
+        out = tmp_path / "out.pt"
+        api.convert_file(src, out, Options(input_shapes=((1, 3, 32, 32),)))
+        against = api.verify_file(src, Options(input_shapes=((1, 3, 32, 32),)), against=out)
+        assert against.verification is not None and against.verification.trials == 3
