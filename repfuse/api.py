@@ -83,6 +83,7 @@ class FuseResult:
     input_guessed: bool = False  # nothing recorded it: guessed from the first layer
     extra_shapes: tuple[tuple[tuple[int, ...], ...], ...] | None = None  # verified besides (None: not chosen)
     analysed_at: tuple[tuple[int, ...], ...] = ()  # the input shapes of the analysis's recorded forward
+    analysed_seed: int = 0  # the seed of its inputs
     runs: verify.Runs = field(default_factory=verify.Runs)  # forwards the verification can reuse
 
 
@@ -171,7 +172,7 @@ def fuse(model: nn.Module, options: Options, progress: Progress | None = None,
     skipped = leftovers.live_skips(analysis.skipped, applied.sites, applied.model)
     skipped += leftovers.norms_left(applied.model, skipped, analysis.notes)
     return FuseResult(deploy, fused64, applied.sites, skipped, analysis.notes, shapes,
-                      clock.timings, size.source, size.guessed, tuple(extra), at, runs)
+                      clock.timings, size.source, size.guessed, tuple(extra), at, seed, runs)
 
 
 COLLECT_BYTES = 256 << 20  # a model this large gets an explicit garbage collection where big cycles die
@@ -433,7 +434,7 @@ def _convert_loaded(loaded: rio.LoadedCheckpoint, dst: Path, fmt: str, options: 
                          "(convert a float32 copy of the checkpoint instead)")
     inputs = verify.make_inputs(result.input_shapes, loaded.dtype, options.seed)
     # the written file must reproduce the deploy model on the cheapest run the verification made with it
-    at, seed = _analysis_run(result.input_shapes, list(result.extra_shapes or ()), options)
+    at, seed = result.analysed_at, result.analysed_seed
     with clock.stage("save", f"writing {dst}"):
         reference = result.runs.get(deployed.model, at, seed)
         output = artifact.write(fmt, dst, loaded, deployed, report, inputs, limits(options), options,
