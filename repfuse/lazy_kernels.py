@@ -24,7 +24,8 @@ LAZY_NUMEL = 1 << 20  # a conv → scale kernel of at least this many weights (8
 
 
 class _Lazy(ConvOp):
-    """The shared mechanics: `weight` builds (`_build`) once and caches; `release` drops the cache."""
+    """The shared mechanics: `weight` builds the kernel (the subclass's `_write`) once and caches it;
+    `release` drops the cache. `_add` and `_rows` read the kernel without building it."""
 
     def __new__(cls, *args: object, **kwargs: object) -> ConvOp:  # type: ignore[misc]
         return ConvOp(*args, **kwargs)  # type: ignore[arg-type]  # dataclasses.replace builds one this way
@@ -48,8 +49,21 @@ class _Lazy(ConvOp):
             object.__setattr__(self, "built", built)
         return built
 
+    @property
+    def unbuilt(self) -> bool:
+        return self.__dict__["built"] is None
+
     def release(self) -> None:
         object.__setattr__(self, "built", None)
+
+    def _write(self, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _add(self, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _rows(self, index: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     __hash__ = object.__hash__
 
@@ -67,6 +81,15 @@ class ScaledOp(_Lazy):
     @property
     def weight_shape(self) -> torch.Size:
         return self.base.shape
+
+    def _write(self, out: torch.Tensor) -> None:
+        torch.mul(self.base, per_output(self.scale, self.base), out=out)
+
+    def _add(self, out: torch.Tensor) -> None:
+        out.addcmul_(self.base, per_output(self.scale, self.base))
+
+    def _rows(self, index: torch.Tensor) -> torch.Tensor:
+        return self.base[index] * per_output(self.scale[index], self.base)
 
     def __repr__(self) -> str:
         return f"ScaledOp({tuple(self.base.shape)}, stride={self.stride}, padding={self.padding}, groups={self.groups})"
@@ -86,12 +109,29 @@ class SumOp(_Lazy):
     def weight_shape(self) -> torch.Size:
         return self.shape
 
+    def _write(self, out: torch.Tensor) -> None:
+        size = tuple(out.shape[2:])
+        full = next((i for i, (part, _) in enumerate(self.parts) if tuple(part.kernel_size) == size), None)
+        if full is None:
+            out.zero_()
+        else:
+            write_into(self.parts[full][0], out)
+        for i, (part, offset) in enumerate(self.parts):
+            if i != full:
+                add_into(part, _window(out, offset, part.kernel_size))
+
+    def _add(self, out: torch.Tensor) -> None:
+        for part, offset in self.parts:
+            add_into(part, _window(out, offset, part.kernel_size))
+
+    def _rows(self, index: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((len(index), *self.shape[1:]), dtype=DT)
+        for part, offset in self.parts:
+            _window(out, offset, part.kernel_size).add_(rows(part, index))
+        return out
+
     def __repr__(self) -> str:
         return f"SumOp({tuple(self.shape)}, {len(self.parts)} parts, stride={self.stride}, padding={self.padding})"
-
-
-def _unbuilt(op: ConvOp) -> bool:
-    return isinstance(op, _Lazy) and op.__dict__["built"] is None
 
 
 def _window(kernel: torch.Tensor, offset: Ints, size: Ints) -> torch.Tensor:
@@ -100,29 +140,16 @@ def _window(kernel: torch.Tensor, offset: Ints, size: Ints) -> torch.Tensor:
 
 def write_into(op: ConvOp, out: torch.Tensor) -> None:
     """out[...] = op's kernel (`out` may hold anything before), without building a lazy op's own kernel."""
-    if isinstance(op, ScaledOp) and _unbuilt(op):
-        torch.mul(op.base, per_output(op.scale, op.base), out=out)
-    elif isinstance(op, SumOp) and _unbuilt(op):
-        size = tuple(out.shape[2:])
-        full = next((i for i, (part, _) in enumerate(op.parts) if tuple(part.kernel_size) == size), None)
-        if full is None:
-            out.zero_()
-        else:
-            write_into(op.parts[full][0], out)
-        for i, (part, offset) in enumerate(op.parts):
-            if i != full:
-                add_into(part, _window(out, offset, part.kernel_size))
+    if isinstance(op, _Lazy) and op.unbuilt:
+        op._write(out)
     else:
         out.copy_(op.weight)
 
 
 def add_into(op: ConvOp, out: torch.Tensor) -> None:
     """out += op's kernel, without building a lazy op's own kernel."""
-    if isinstance(op, ScaledOp) and _unbuilt(op):
-        out.addcmul_(op.base, per_output(op.scale, op.base))
-    elif isinstance(op, SumOp) and _unbuilt(op):
-        for part, offset in op.parts:
-            add_into(part, _window(out, offset, part.kernel_size))
+    if isinstance(op, _Lazy) and op.unbuilt:
+        op._add(out)
     else:
         out += op.weight
 
@@ -134,14 +161,7 @@ def per_output(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def rows(op: ConvOp, index: torch.Tensor) -> torch.Tensor:
     """op.weight[index] (output channels), without building a lazy op's whole kernel."""
-    if isinstance(op, ScaledOp) and _unbuilt(op):
-        return op.base[index] * per_output(op.scale[index], op.base)
-    if isinstance(op, SumOp) and _unbuilt(op):
-        out = torch.zeros((len(index), *op.shape[1:]), dtype=DT)
-        for part, offset in op.parts:
-            _window(out, offset, part.kernel_size).add_(rows(part, index))
-        return out
-    return op.weight[index]
+    return op._rows(index) if isinstance(op, _Lazy) and op.unbuilt else op.weight[index]
 
 
 def release(op: ConvOp | None) -> None:
